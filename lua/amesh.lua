@@ -1,0 +1,297 @@
+-- require("amesh"): start the amesh agent in one nginx process and move its changes into
+-- ngx.shared dicts that every worker (and stock APISIX's config_xds) reads.
+--
+--   init_by_lua_block        { require("amesh").init() }            -- optional: privileged agent
+--   init_worker_by_lua_block { require("amesh").init_worker({ config = '{"source": ...}' }) }
+--   exit_worker_by_lua_block { require("amesh").exit_worker() }      -- optional
+--   location = /amesh/status { content_by_lua_block { ngx.say(require("amesh").status()) } }
+local ffi = require("ffi")
+local abi = require("amesh.abi")
+
+local ngx = ngx
+local ngx_log, ERR, INFO = ngx.log, ngx.ERR, ngx.INFO
+local ffi_string, tonumber, tostring, pairs = ffi.string, tonumber, tostring, pairs
+local sub, floor = string.sub, math.floor
+
+local OP_BEGIN, OP_SET, OP_DELETE, OP_COMMIT = abi.OP_BEGIN, abi.OP_SET, abi.OP_DELETE, abi.OP_COMMIT
+local BATCH_FULL = abi.BATCH_FULL
+
+local _M = { _VERSION = "0.1.0" }
+
+local defaults = {
+    dict = "xds-config",             -- what stock APISIX reads: /routes/<id>, /upstreams/<id>
+    version_dict = "xds-config-version",
+    version_key = "version",
+    status_key = "amesh:status",     -- in version_dict; APISIX only reads "version"
+    sentinel_key = "amesh:sentinel", -- keeps the data dict from ever being empty
+    interval = 0.005,                -- seconds between polls in the agent process
+    max_changes = 256,               -- per amesh_poll call
+    max_polls = 8,                   -- per timer tick: bounds the event-loop stall
+    status_interval = 1,
+}
+
+local privileged_agent_enabled = false
+local lib, opts, changes_buf, status_buf
+local batch -- the batch being applied
+local counters = { batches_applied = 0, batches_failed = 0, batches_unchanged = 0,
+                   sets = 0, deletes = 0, last_error = "" }
+
+local function log_error(...)
+    ngx_log(ERR, "amesh: ", ...)
+end
+
+-- Where the library lives: next to this file's directory (the installed package), or opts.library.
+local function default_library()
+    local src = debug.getinfo(1, "S").source
+    local dir = src:match("^@(.*)/lua/[^/]*$")
+    return dir and (dir .. "/libamesh.so") or "libamesh.so"
+end
+
+-- Call in init_by_lua: asks for OpenResty's privileged agent process; on Debian's nginx
+-- (no core patch) it is unavailable and the agent runs in worker 0 instead.
+function _M.init()
+    local ok, process = pcall(require, "ngx.process")
+    if ok and process.enable_privileged_agent then
+        local enabled, err = process.enable_privileged_agent()
+        privileged_agent_enabled = enabled and true or false
+        if not enabled then
+            ngx_log(INFO, "amesh: no privileged agent (", err, "), worker 0 runs the agent")
+        end
+    end
+end
+
+local function is_agent_process()
+    local ok, process = pcall(require, "ngx.process")
+    local ptype = ok and process.type() or "worker"
+    if ptype == "privileged agent" then
+        return true
+    end
+    return ptype == "worker" and not privileged_agent_enabled and ngx.worker.id() == 0
+end
+
+local function bump_version(vdict)
+    ngx.update_time()
+    local now = floor(ngx.now() * 1000)
+    local prev = tonumber(vdict:get(opts.version_key)) or 0
+    if now <= prev then
+        now = prev + 1 -- always a different value, also within one millisecond
+    end
+    local ok, err = vdict:safe_set(opts.version_key, tostring(now))
+    if not ok then
+        log_error("cannot store ", opts.version_key, ": ", err)
+    end
+end
+
+local function report(id, status, message)
+    lib.amesh_report(id, status, message)
+end
+
+-- Undo a failed batch: what it changed goes back to the values it found.
+local function fail_batch(dict, err, key)
+    local undo = batch.undo
+    for i = #undo, 1, -2 do
+        local k, old = undo[i - 1], undo[i]
+        if old == false then
+            dict:delete(k)
+        else
+            dict:set(k, old)
+        end
+    end
+    batch.failed = true
+    counters.batches_failed = counters.batches_failed + 1
+    counters.last_error = "store of " .. key .. " failed: " .. tostring(err)
+    log_error(counters.last_error, "; batch ", tostring(batch.id), " rolled back, version kept")
+    report(batch.id, -1, tostring(err))
+end
+
+-- One SET (value) or DELETE (value nil); unchanged values cost a get and nothing else.
+local function apply_change(dict, key, value)
+    if batch.full and value ~= nil then
+        batch.keys[key] = true
+    end
+    local old = dict:get(key)
+    if old == value then
+        return
+    end
+    local ok, err
+    if value == nil then
+        ok, err = dict:delete(key)
+        counters.deletes = counters.deletes + 1
+    else
+        ok, err = dict:safe_set(key, value)
+        counters.sets = counters.sets + 1
+    end
+    if not ok then
+        return fail_batch(dict, err, key)
+    end
+    local undo = batch.undo
+    undo[#undo + 1] = key
+    undo[#undo + 1] = (old == nil) and false or old
+    batch.changed = true
+end
+
+local function commit(dict, vdict)
+    if batch.failed then
+        return
+    end
+    if batch.full then
+        -- Reconcile: whatever an earlier run or a reload left under "/" and this batch
+        -- does not hold goes away.
+        local keys = dict:get_keys(0)
+        for i = 1, #keys do
+            local k = keys[i]
+            if sub(k, 1, 1) == "/" and not batch.keys[k] then
+                apply_change(dict, k, nil)
+                if batch.failed then
+                    return
+                end
+            end
+        end
+    end
+    if batch.changed then
+        bump_version(vdict)
+        counters.batches_applied = counters.batches_applied + 1
+        report(batch.id, 0, "applied")
+    else
+        counters.batches_unchanged = counters.batches_unchanged + 1
+        report(batch.id, 0, "unchanged")
+    end
+end
+
+local function drain(premature)
+    if premature then
+        return
+    end
+    local dict, vdict = ngx.shared[opts.dict], ngx.shared[opts.version_dict]
+    local buf = changes_buf
+    for _ = 1, opts.max_polls do
+        local n = lib.amesh_poll(buf, opts.max_changes)
+        if n <= 0 then
+            if n ~= 0 and n ~= abi.EBUSY and n ~= abi.ESTOPPED then
+                log_error("amesh_poll: ", n)
+            end
+            return
+        end
+        for i = 0, n - 1 do
+            local c = buf[i]
+            local op = c.op
+            if op == OP_BEGIN then
+                batch = { id = c.batch, full = (c.flags % 2) == BATCH_FULL, undo = {},
+                          keys = {}, changed = false, failed = false }
+            elseif batch and not batch.failed then
+                if op == OP_SET then
+                    apply_change(dict, ffi_string(c.key, c.key_len),
+                                 ffi_string(c.value, c.value_len))
+                elseif op == OP_DELETE then
+                    apply_change(dict, ffi_string(c.key, c.key_len), nil)
+                elseif op == OP_COMMIT then
+                    commit(dict, vdict)
+                    batch = nil
+                end
+            end
+        end
+        if n < opts.max_changes then
+            return
+        end
+    end
+end
+
+local function json_string(s)
+    return '"' .. s:gsub('[%c"\\]', function(c)
+        return string.format("\\u%04x", c:byte())
+    end) .. '"'
+end
+
+local function library_status()
+    local n = tonumber(lib.amesh_status(status_buf, 65536))
+    if n >= 65536 then
+        local big = ffi.new("char[?]", n + 1)
+        lib.amesh_status(big, n + 1)
+        return ffi_string(big, n)
+    end
+    return ffi_string(status_buf, n)
+end
+
+local function publish_status(premature)
+    if premature then
+        return
+    end
+    local parts = { '{"agent_process":', tostring(ngx.worker.pid()), ',"consumer":{' }
+    for k, v in pairs(counters) do
+        parts[#parts + 1] = '"' .. k .. '":' .. (type(v) == "string" and json_string(v) or v) .. ","
+    end
+    parts[#parts] = sub(parts[#parts], 1, -2)
+    parts[#parts + 1] = '},"library":' .. library_status() .. '}'
+    local ok, err = ngx.shared[opts.version_dict]:set(opts.status_key, table.concat(parts))
+    if not ok then
+        log_error("cannot store status: ", err)
+    end
+end
+
+-- Call in init_worker_by_lua. opts.config: the start config as a JSON string.
+function _M.init_worker(user_opts)
+    user_opts = user_opts or {}
+    if not is_agent_process() then
+        return true
+    end
+    opts = {}
+    for k, v in pairs(defaults) do
+        opts[k] = user_opts[k] == nil and v or user_opts[k]
+    end
+    local dict, vdict = ngx.shared[opts.dict], ngx.shared[opts.version_dict]
+    if not dict or not vdict then
+        local err = "lua_shared_dict " .. opts.dict .. " and " .. opts.version_dict .. " are required"
+        log_error(err)
+        return nil, err
+    end
+    -- Workers that wait for a version must not wait for the agent: write one now if none
+    -- exists (a reload keeps the existing one and the last config keeps serving).
+    if vdict:get(opts.version_key) == nil then
+        bump_version(vdict)
+    end
+    dict:safe_add(opts.sentinel_key, "1")
+
+    local ok, loaded = pcall(ffi.load, user_opts.library or default_library())
+    if not ok then
+        log_error("cannot load the library: ", loaded)
+        return nil, loaded
+    end
+    lib = loaded
+    changes_buf = ffi.new("amesh_change_t[?]", opts.max_changes)
+    status_buf = ffi.new("char[?]", 65536)
+    local config = user_opts.config or "{}"
+    local rc = lib.amesh_start(config)
+    if rc ~= abi.OK then
+        local err = ffi_string(lib.amesh_last_error())
+        counters.last_error = err
+        log_error("agent not started (", rc, "): ", err)
+        publish_status()
+        return nil, err
+    end
+    ngx_log(INFO, "amesh: agent started in process ", ngx.worker.pid())
+    local okt, terr = ngx.timer.every(opts.interval, drain)
+    if not okt then
+        log_error("cannot start the poll timer: ", terr)
+        return nil, terr
+    end
+    ngx.timer.every(opts.status_interval, publish_status)
+    ngx.timer.at(0, publish_status)
+    return true
+end
+
+-- Call in exit_worker_by_lua: the agent stops queueing; nothing is written after this.
+function _M.exit_worker()
+    if lib then
+        lib.amesh_stop(200)
+    end
+end
+
+-- The agent's status as JSON (from any worker): what the agent process last published.
+function _M.status()
+    local name = (opts and opts.version_dict) or defaults.version_dict
+    local vdict = ngx.shared[name]
+    local s = vdict and vdict:get((opts and opts.status_key) or defaults.status_key)
+    return s or '{"error":"no status published yet"}'
+end
+
+return _M

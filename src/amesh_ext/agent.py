@@ -1,0 +1,387 @@
+"""The agent: keeps the mesh's Envoy resources and turns each change into dict changes.
+
+Translation is incremental. Each resource owns a *unit* of APISIX objects (a cluster its
+upstream, a route configuration its routes, a listener its stream routes); a change
+re-translates only the units it touches, through two joins Envoy itself makes:
+- an EDS cluster reads the ClusterLoadAssignment named by its service_name;
+- a route configuration takes its listener's port, and the hash policy of its routes
+  lands on the upstreams they target (APISIX keeps chash on the upstream).
+Every unit is computed before anything is changed, so a resource the translator rejects
+leaves the last good state untouched (and is reported for the NACK).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import orjson
+
+from . import translate as tr
+from .config import ConfigError, StartConfig
+from .native import ChangeQueue
+from .resources import CLUSTER, ENDPOINTS, LISTENER, ROUTES, SHORT_NAMES, Resource, ResourceError
+from .sink import DictSink
+from .sources import Source, make_source
+
+log = logging.getLogger("amesh.agent")
+
+Unit = tuple[str, str]  # ("cluster" | "routes" | "listener", resource name)
+
+
+def _eds_name(cluster: Any) -> str | None:
+    """The EDS resource an EDS cluster reads, or None for clusters with inline endpoints."""
+    if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == 3:  # EDS
+        return cluster.eds_cluster_config.service_name or cluster.name
+    return None
+
+
+class Agent:
+    def __init__(self, config: StartConfig, queue: ChangeQueue) -> None:
+        try:
+            self._options = tr.TranslateOptions(**config.translate)
+        except TypeError as exc:
+            raise ConfigError(f"start config: invalid 'translate' section: {exc}") from exc
+        self._config = config
+        self._queue = queue
+        self._lock = threading.RLock()
+        self.sink = DictSink(queue, config.limit("resync_backoff_max"))
+        self._resources: dict[str, dict[str, Resource]] = {
+            CLUSTER: {}, ENDPOINTS: {}, LISTENER: {}, ROUTES: {},
+        }
+        self._unit_keys: dict[Unit, dict[str, bytes]] = {}
+        self._key_owner: dict[str, Unit] = {}
+        self._unit_skips: dict[Unit, list[tr.Skip]] = {}
+        self._logged_features: set[str] = set()
+        self._eds_users: dict[str, set[str]] = {}  # EDS name -> clusters reading it
+        self._cluster_eds: dict[str, str] = {}
+        self._listener_ports: dict[str, dict[str, int | None]] = {}  # listener -> rc -> port
+        self._route_hashes: dict[str, dict[str, tr.HashPolicy]] = {}  # rc -> cluster -> hash
+        self._rejected: dict[str, dict[str, str]] = {t: {} for t in self._resources}
+        self.collisions: dict[str, str] = {}
+        self._source: Source | None = None
+        self._first_data: float | None = None
+        self._last_apply = 0.0
+        self._synced = False
+        self.started_at = time.time()
+
+    # -- ResourceHandler -----------------------------------------------------------------
+    def apply(
+        self, type_url: str, upserts: Sequence[Resource], removed: Collection[str]
+    ) -> dict[str, str]:
+        with self._lock:
+            rejected: dict[str, str] = {}
+            store = self._resources.get(type_url)
+            if store is None:
+                return {r.name: f"amesh does not consume {type_url}" for r in upserts}
+            for res in upserts:
+                old = store.get(res.name)
+                if old is not None and old.raw == res.raw:
+                    continue  # unchanged: the common case in a state-of-the-world push
+                try:
+                    self._upsert(type_url, res)
+                    self._rejected[type_url].pop(res.name, None)
+                except (ResourceError, tr.InvalidResource, ValueError) as exc:
+                    reason = str(exc) or type(exc).__name__
+                    rejected[res.name] = reason
+                    self._rejected[type_url][res.name] = reason
+                    log.error("rejected %s %r: %s", SHORT_NAMES[type_url], res.name, reason)
+            for name in removed:
+                if name in store:
+                    self._remove(type_url, name)
+                self._rejected[type_url].pop(name, None)
+            now = time.monotonic()
+            self._last_apply = now
+            if self._first_data is None:
+                self._first_data = now
+            if self._synced:
+                self.sink.flush(now)
+            return rejected
+
+    # -- per type --------------------------------------------------------------------------
+    def _upsert(self, type_url: str, res: Resource) -> None:
+        msg = res.message()
+        if type_url == CLUSTER:
+            eds = _eds_name(msg)
+            assignment = self._assignment(eds)
+            translation = tr.translate_cluster(
+                msg, assignment, self._hash_for(res.name), self._options)
+            self._resources[CLUSTER][res.name] = res
+            self._link_eds(res.name, eds)
+            self._set_unit(("cluster", res.name), translation)
+        elif type_url == ENDPOINTS:
+            users = sorted(self._eds_users.get(res.name, ()))
+            pending = {c: self._translate_cluster(c, msg) for c in users}  # all or nothing
+            self._resources[ENDPOINTS][res.name] = res
+            for cluster, translation in pending.items():
+                self._set_unit(("cluster", cluster), translation)
+        elif type_url == LISTENER:
+            lt = tr.translate_listener(msg, self._options)
+            self._resources[LISTENER][res.name] = res
+            self._set_listener_ports(res.name, lt.route_config_ports)
+            self._set_unit(("listener", res.name), lt.translation)
+        else:
+            port = self._route_port(res.name)
+            translation = tr.translate_route_configuration(msg, port, self._options)
+            hashes = tr.route_hash_policies(msg)
+            self._resources[ROUTES][res.name] = res
+            self._set_unit(("routes", res.name), translation)
+            self._set_route_hashes(res.name, hashes)
+
+    def _remove(self, type_url: str, name: str) -> None:
+        del self._resources[type_url][name]
+        if type_url == CLUSTER:
+            self._link_eds(name, None)
+            self._set_unit(("cluster", name), None)
+        elif type_url == ENDPOINTS:
+            for cluster in sorted(self._eds_users.get(name, ())):
+                self._retranslate_cluster(cluster)
+        elif type_url == LISTENER:
+            self._set_listener_ports(name, {})
+            self._set_unit(("listener", name), None)
+        else:
+            self._set_unit(("routes", name), None)
+            self._set_route_hashes(name, {})
+
+    # -- joins -----------------------------------------------------------------------------
+    def _assignment(self, eds_name: str | None) -> Any:
+        res = self._resources[ENDPOINTS].get(eds_name) if eds_name else None
+        return res.message() if res is not None else None
+
+    def _translate_cluster(self, name: str, assignment: Any) -> tr.Translation:
+        cluster = self._resources[CLUSTER][name].message()
+        return tr.translate_cluster(cluster, assignment, self._hash_for(name), self._options)
+
+    def _retranslate_cluster(self, name: str) -> None:
+        try:
+            translation = self._translate_cluster(name, self._assignment(self._cluster_eds.get(name)))
+        except (tr.InvalidResource, ValueError) as exc:
+            # The cluster itself was accepted; keep its last good upstream.
+            log.error("cluster %r kept at its last good upstream: %s", name, exc)
+            return
+        self._set_unit(("cluster", name), translation)
+
+    def _link_eds(self, cluster: str, eds: str | None) -> None:
+        old = self._cluster_eds.pop(cluster, None)
+        if old is not None:
+            users = self._eds_users.get(old, set())
+            users.discard(cluster)
+            if not users:
+                self._eds_users.pop(old, None)
+        if eds is not None:
+            self._cluster_eds[cluster] = eds
+            self._eds_users.setdefault(eds, set()).add(cluster)
+
+    def _route_port(self, route_config: str) -> int | None:
+        # The first listener (by name) that references the route configuration gives the port.
+        for listener in sorted(self._listener_ports):
+            ports = self._listener_ports[listener]
+            if route_config in ports:
+                return ports[route_config]
+        return None
+
+    def _set_listener_ports(self, listener: str, ports: dict[str, int | None]) -> None:
+        old = self._listener_ports.get(listener, {})
+        names = set(old) | set(ports)
+        before = {rc: self._route_port(rc) for rc in names}
+        if ports:
+            self._listener_ports[listener] = dict(ports)
+        else:
+            self._listener_ports.pop(listener, None)
+        for rc in sorted(names):
+            if rc in self._resources[ROUTES] and self._route_port(rc) != before[rc]:
+                self._retranslate_routes(rc)
+
+    def _retranslate_routes(self, name: str) -> None:
+        msg = self._resources[ROUTES][name].message()
+        try:
+            translation = tr.translate_route_configuration(
+                msg, self._route_port(name), self._options)
+        except (tr.InvalidResource, ValueError) as exc:
+            log.error("route configuration %r kept at its last good routes: %s", name, exc)
+            return
+        self._set_unit(("routes", name), translation)
+
+    def _hash_for(self, cluster: str) -> tr.HashPolicy | None:
+        for rc in sorted(self._route_hashes):
+            policy = self._route_hashes[rc].get(cluster)
+            if policy is not None:
+                return policy
+        return None
+
+    def _set_route_hashes(self, route_config: str, hashes: dict[str, tr.HashPolicy]) -> None:
+        old = self._route_hashes.get(route_config, {})
+        if old == hashes:
+            return
+        clusters = set(old) | set(hashes)
+        before = {c: self._hash_for(c) for c in clusters}
+        if hashes:
+            self._route_hashes[route_config] = dict(hashes)
+        else:
+            self._route_hashes.pop(route_config, None)
+        for cluster in sorted(clusters):
+            if cluster in self._resources[CLUSTER] and self._hash_for(cluster) != before[cluster]:
+                self._retranslate_cluster(cluster)
+
+    # -- units -> sink ---------------------------------------------------------------------
+    def _set_unit(self, unit: Unit, translation: tr.Translation | None) -> None:
+        old = self._unit_keys.get(unit, {})
+        new: dict[str, bytes] = {}
+        if translation is not None:
+            for key, obj in translation.objects.items():
+                owner = self._key_owner.get(key)
+                if owner is not None and owner != unit:
+                    self.collisions[key] = f"{unit} collides with {owner}"
+                    log.error("key %s from %s collides with %s: kept the first", key, unit, owner)
+                    continue
+                new[key] = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+            self._record_skips(unit, translation.skipped)
+        else:
+            self._unit_skips.pop(unit, None)
+        for key in old.keys() - new.keys():
+            self._key_owner.pop(key, None)
+            self.collisions.pop(key, None)
+            self.sink.delete(key)
+        for key, value in new.items():
+            self._key_owner[key] = unit
+            self.sink.put(key, value)
+        if new:
+            self._unit_keys[unit] = new
+        else:
+            self._unit_keys.pop(unit, None)
+
+    def _record_skips(self, unit: Unit, skips: list[tr.Skip]) -> None:
+        if skips:
+            self._unit_skips[unit] = list(skips)
+        else:
+            self._unit_skips.pop(unit, None)
+        for skip in skips:
+            if skip.feature not in self._logged_features:
+                self._logged_features.add(skip.feature)
+                log.warning("not expressible in APISIX, skipped: %s (first seen in %s: %s)",
+                            skip.feature, skip.resource, skip.detail)
+
+    # -- the agent thread's periodic work --------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if not self._synced and self._first_data is not None:
+                quiet = now - self._last_apply >= self._config.limit("first_sync_quiet")
+                late = now - self._first_data >= self._config.limit("first_sync_max_wait")
+                if quiet or late:
+                    self._synced = True
+            if self._synced:
+                self.sink.flush(now)
+
+    def on_reports(self, reports: list[tuple[int, int, str]]) -> None:
+        with self._lock:
+            for batch, status, message in reports:
+                self.sink.on_report(batch, status, message)
+                if status != 0:
+                    self._queue.log_error(f"dict write failed (batch {batch}): {message}")
+
+    def attach_source(self, source: Source) -> None:
+        self._source = source
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            skipped: dict[str, int] = {}
+            for skips in self._unit_skips.values():
+                for skip in skips:
+                    skipped[skip.feature] = skipped.get(skip.feature, 0) + 1
+            source = self._source.status() if self._source is not None else {}
+            return {
+                "source": source,
+                "connected": source.get("connected", source.get("kind") == "file"),
+                "synced": self._synced,
+                "resources": {SHORT_NAMES[t]: len(v) for t, v in self._resources.items()},
+                "objects": len(self._key_owner),
+                "rejected": {SHORT_NAMES[t]: dict(v) for t, v in self._rejected.items() if v},
+                "rejected_count": sum(len(v) for v in self._rejected.values()),
+                "skipped": skipped,
+                "collisions": dict(self.collisions),
+                "sink": self.sink.status(),
+                "started_at": self.started_at,
+            }
+
+
+class _NativeErrorHandler(logging.Handler):
+    """ERROR records go to the library (last_error + nginx's error log via stderr)."""
+
+    def __init__(self, queue: ChangeQueue) -> None:
+        super().__init__(logging.ERROR)
+        self._queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._queue.log_error(self.format(record))
+        except Exception:  # logging must never take the agent down
+            pass
+
+
+def _setup_logging(level: str, queue: ChangeQueue) -> None:
+    root = logging.getLogger("amesh")
+    root.setLevel(level.upper())
+    root.propagate = False
+    below_error = logging.StreamHandler(sys.stderr)
+    below_error.addFilter(lambda r: r.levelno < logging.ERROR)
+    below_error.setFormatter(logging.Formatter("amesh: %(name)s: %(message)s"))
+    native = _NativeErrorHandler(queue)
+    native.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root.handlers = [below_error, native]
+
+
+def _report_loop(agent: Agent, queue: ChangeQueue) -> None:
+    while True:
+        try:
+            reports = queue.wait_reports(250)
+            if reports:
+                agent.on_reports(reports)
+        except Exception:
+            log.exception("report loop")
+            time.sleep(0.5)
+
+
+def run_agent(config: StartConfig, queue: ChangeQueue, stop: threading.Event) -> Agent:
+    """Start the source and the report thread; tick until `stop` is set (never, embedded)."""
+    agent = Agent(config, queue)
+    source = make_source(config.source, config.xds, agent, config.limit)
+    agent.attach_source(source)
+    threading.Thread(target=_report_loop, args=(agent, queue), name="amesh-reports",
+                     daemon=True).start()
+    source.start()
+    published = b""
+    interval = min(0.05, config.limit("status_interval"))
+    next_status = 0.0
+    while not stop.wait(interval):
+        try:
+            agent.tick()
+            now = time.monotonic()
+            if now >= next_status:
+                next_status = now + config.limit("status_interval")
+                status = orjson.dumps(agent.status(), default=str)
+                if status != published:
+                    queue.set_status(status)
+                    published = status
+        except Exception:
+            log.exception("agent tick")
+    source.stop()
+    return agent
+
+
+def run_embedded(config: StartConfig, mode: str) -> None:
+    """The agent thread's body inside libamesh.so."""
+    from .native import native_queue
+
+    queue = native_queue()
+    _setup_logging(config.log_level, queue)
+    try:
+        log.info("agent starting (mode %s, source %s)", mode, config.source)
+        run_agent(config, queue, threading.Event())
+    except Exception as exc:  # the thread must report, never take the process down
+        log.exception("agent stopped")
+        queue.log_error(f"agent stopped: {exc}")

@@ -1,0 +1,29 @@
+/* Process-wide state shared by the ABI, the embedded interpreter and the writer. */
+#ifndef AMESH_STATE_H
+#define AMESH_STATE_H
+
+#include <stdarg.h>
+#include <stddef.h>
+
+#define AMESH_MODE_NONE 0
+#define AMESH_MODE_POLL 1    /* Lua drains amesh_poll() */
+#define AMESH_MODE_INITIAL 2 /* stock APISIX: the library's writer thread stores into zones */
+
+void amesh_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Also to stderr, which nginx points at its error log. */
+void amesh_log_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+void amesh_set_agent_status(const char *json, size_t len);
+
+/* embed.c: the start config for initial(): amesh.json next to the library, else "{}". */
+const char *amesh_initial_config(void);
+
+/* embed.c: start the interpreter (or attach to a running one) and the agent. */
+int amesh_embed_start(const char *config_json, int mode);
+
+/* writer.c */
+int amesh_writer_start(void *config_zone, void *version_zone);
+int amesh_writer_fence(int timeout_ms);
+void amesh_writer_status(char *buf, size_t len);
+
+#endif
