@@ -34,7 +34,20 @@ local privileged_agent_enabled = false
 local lib, opts, changes_buf, status_buf
 local batch -- the batch being applied
 local counters = { batches_applied = 0, batches_failed = 0, batches_unchanged = 0,
-                   sets = 0, deletes = 0, last_error = "" }
+                   sets = 0, deletes = 0, last_error = "", start_us = 0,
+                   max_tick_us = 0,          -- the longest drain() call: the event-loop stall
+                   last_batch_us = 0,        -- first poll of the last batch to its commit
+                   last_batch_changes = 0 }
+
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } amesh_timespec_t;
+int clock_gettime(int clk_id, amesh_timespec_t *tp);
+]]
+local ts = ffi.new("amesh_timespec_t")
+local function now_us()
+    ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+    return tonumber(ts.tv_sec) * 1e6 + tonumber(ts.tv_nsec) / 1e3
+end
 
 local function log_error(...)
     ngx_log(ERR, "amesh: ", ...)
@@ -158,11 +171,9 @@ local function commit(dict, vdict)
     end
 end
 
-local function drain(premature)
-    if premature then
-        return
-    end
-    local dict, vdict = ngx.shared[opts.dict], ngx.shared[opts.version_dict]
+local tick_start = 0
+
+local function drain_polls(dict, vdict)
     local buf = changes_buf
     for _ = 1, opts.max_polls do
         local n = lib.amesh_poll(buf, opts.max_changes)
@@ -170,14 +181,15 @@ local function drain(premature)
             if n ~= 0 and n ~= abi.EBUSY and n ~= abi.ESTOPPED then
                 log_error("amesh_poll: ", n)
             end
-            return
+            return n
         end
         for i = 0, n - 1 do
             local c = buf[i]
             local op = c.op
             if op == OP_BEGIN then
                 batch = { id = c.batch, full = (c.flags % 2) == BATCH_FULL, undo = {},
-                          keys = {}, changed = false, failed = false }
+                          keys = {}, changed = false, failed = false, t0 = tick_start,
+                          changes = 0 }
             elseif batch and not batch.failed then
                 if op == OP_SET then
                     apply_change(dict, ffi_string(c.key, c.key_len),
@@ -186,12 +198,32 @@ local function drain(premature)
                     apply_change(dict, ffi_string(c.key, c.key_len), nil)
                 elseif op == OP_COMMIT then
                     commit(dict, vdict)
+                    counters.last_batch_us = now_us() - batch.t0
+                    counters.last_batch_changes = batch.changes
                     batch = nil
+                end
+                if batch then
+                    batch.changes = batch.changes + 1
                 end
             end
         end
         if n < opts.max_changes then
-            return
+            return n
+        end
+    end
+    return opts.max_changes
+end
+
+local function drain(premature)
+    if premature then
+        return
+    end
+    tick_start = now_us()
+    local n = drain_polls(ngx.shared[opts.dict], ngx.shared[opts.version_dict])
+    if n > 0 then
+        local took = now_us() - tick_start
+        if took > counters.max_tick_us then
+            counters.max_tick_us = took
         end
     end
 end
@@ -260,7 +292,9 @@ function _M.init_worker(user_opts)
     changes_buf = ffi.new("amesh_change_t[?]", opts.max_changes)
     status_buf = ffi.new("char[?]", 65536)
     local config = user_opts.config or "{}"
+    local t0 = now_us()
     local rc = lib.amesh_start(config)
+    counters.start_us = now_us() - t0
     if rc ~= abi.OK then
         local err = ffi_string(lib.amesh_last_error())
         counters.last_error = err

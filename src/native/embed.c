@@ -32,17 +32,29 @@ static int library_dir(char *out, size_t len) {
     return 0;
 }
 
+/* initial()'s settings: amesh.json beside the library as it was loaded (a link to the
+ * installed libxds.so may sit in any package.cpath directory), else beside the real file. */
+static FILE *open_initial_config(char *path, size_t len) {
+    Dl_info info;
+    char real[PATH_MAX], dir[PATH_MAX];
+    if (dladdr((void *)open_initial_config, &info) != 0 && info.dli_fname) {
+        snprintf(dir, sizeof(dir), "%s", info.dli_fname);
+        snprintf(path, len, "%s/amesh.json", dirname(dir));
+        FILE *f = fopen(path, "rb");
+        if (f) return f;
+    }
+    if (library_dir(real, sizeof(real)) != 0) return NULL;
+    snprintf(path, len, "%s/amesh.json", real);
+    return fopen(path, "rb");
+}
+
 const char *amesh_initial_config(void) {
     static char *config;
-    char dir[PATH_MAX], path[PATH_MAX + 16];
-    if (library_dir(dir, sizeof(dir)) != 0) {
-        amesh_log_error("initial(): cannot locate the library with dladdr");
-        return NULL;
-    }
-    snprintf(path, sizeof(path), "%s/amesh.json", dir);
-    FILE *f = fopen(path, "rb");
+    char path[PATH_MAX + 16] = "";
+    FILE *f = open_initial_config(path, sizeof(path));
     if (f == NULL) {
-        fprintf(stderr, "amesh: initial(): no %s, using the default start config\n", path);
+        fprintf(stderr, "amesh: initial(): no amesh.json beside the library (last tried %s), "
+                        "using the default start config\n", path);
         return "{}";
     }
     fseek(f, 0, SEEK_END);
@@ -79,7 +91,8 @@ static void python_error(const char *what) {
 static int bootstrap(const char *config_json, int mode, const char *pkg_dir) {
     char site_dir[PATH_MAX];
     snprintf(site_dir, sizeof(site_dir), "%s", pkg_dir);
-    snprintf(site_dir, sizeof(site_dir), "%s", dirname(site_dir));
+    char *slash = strrchr(site_dir, '/');
+    if (slash && slash != site_dir) *slash = '\0'; /* site-packages holds amesh_ext/ */
 
     PyObject *modules = PyImport_GetModuleDict();
     PyObject *native = amesh_native_module_create();
