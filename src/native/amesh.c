@@ -1,6 +1,7 @@
 /* The C ABI (include/amesh.h): thin functions over the queue, the embedded agent and the
  * zone writer. Nothing here takes the GIL. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -59,10 +60,27 @@ AMESH_EXPORT const char *amesh_last_error(void) {
     return last_error;
 }
 
+/* nginx's process type (ngx_process): the agent runs in a worker or OpenResty's
+ * privileged agent, never in the master, whose fork would copy Python and grpc threads. */
+#define NGX_PROCESS_WORKER 3
+#define NGX_PROCESS_HELPER 4
+
+static int in_nginx_master(int *type) {
+    const int *ngx_process = dlsym(RTLD_DEFAULT, "ngx_process");
+    if (ngx_process == NULL) return 0; /* not inside nginx (tests, tools) */
+    *type = *ngx_process;
+    return *type != NGX_PROCESS_WORKER && *type != NGX_PROCESS_HELPER;
+}
+
 static int start_mode(const char *config_json, int mode) {
-    int expected = AMESH_MODE_NONE;
+    int expected = AMESH_MODE_NONE, type = -1;
     if (config_json == NULL) {
         amesh_set_error("start config is NULL");
+        return AMESH_EINVAL;
+    }
+    if (in_nginx_master(&type)) {
+        amesh_set_error("the agent must start in init_worker (a worker or the privileged "
+                        "agent), not in nginx's master or init phase (ngx_process=%d)", type);
         return AMESH_EINVAL;
     }
     if (!atomic_compare_exchange_strong(&started_mode, &expected, mode)) {
