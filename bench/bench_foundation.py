@@ -21,8 +21,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from nginx import LIBRARY, Nginx  # noqa: E402
 from synthetic_mesh import write_mesh  # noqa: E402
+
+from nginx import LIBRARY, Nginx  # noqa: E402
 
 POLL_BENCH = """
         location = /bench/poll {
@@ -38,7 +39,7 @@ POLL_BENCH = """
                 ngx.say((os.clock() - t0) / n * 1e9, " ", got)
             }
         }
-""" % LIBRARY
+""".replace("%s", str(LIBRARY))
 
 
 def rss_kb(pid: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nginx import Nginx  # noqa: E402
+from nginx import Nginx
 
 
 @pytest.fixture

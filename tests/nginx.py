@@ -6,6 +6,7 @@ sees and one decoded read of the dict, so a test can prove that all workers read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -187,10 +188,10 @@ class Nginx:
         return self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
 
     def start(self, timeout: float = 10) -> Nginx:
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(self.prefix), "-c", "conf/nginx.conf"],
-            stdout=subprocess.DEVNULL, stderr=open(self.prefix / "logs" / "stderr.log", "wb"),
-            start_new_session=True)
+        with open(self.prefix / "logs" / "stderr.log", "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [NGINX, "-p", str(self.prefix), "-c", "conf/nginx.conf"],
+                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -219,10 +220,8 @@ class Nginx:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(5)
 
     def get(self, path: str, timeout: float = 5, headers: dict[str, str] | None = None) -> str:

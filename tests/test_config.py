@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from amesh_ext.config import DEFAULT_SOURCE, ConfigError, parse_start_config
 
 

@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
+
 from nginx import PACKAGE_DIR
 
 BUNDLED = PACKAGE_DIR / "mesh" / "bookinfo"
@@ -204,8 +204,9 @@ def test_reload_kill_and_quit_under_streaming_changes(tmp_path, make_nginx) -> N
     # Consistent: exactly the keys of the mesh, nothing duplicated or left over.
     upstreams = [o["name"] for k, o in n.objects().items() if k.startswith("/upstreams/")]
     assert sorted(upstreams) == sorted(set(upstreams)) and len(upstreams) == 7
-    log = n.log_text()
-    assert "exited on signal" not in log, re.findall(r".*exited on signal.*", log)[:5]
+    crashes = [line for line in re.findall(r".*exited on signal.*", n.log_text())
+               if f"process {agent_pid} exited on signal 9" not in line]  # ours, by kill -9
+    assert crashes == []
     assert n.quit() < 2
 
 
@@ -245,7 +246,7 @@ def test_malformed_resource_is_rejected_alone(tmp_path, make_nginx) -> None:
         '{address: 127.0.0.5, port_value: 80}}}}]}]\n')
     n.wait_for(lambda: "extra" in {o.get("name") for o in n.objects().values()},
                what="the good resource of the file applied")
-    errors = _agent(n)["source"]["errors"]
+    errors = n.wait_for(lambda: _agent(n)["source"]["errors"], what="error in status")
     assert any("broken" in e and "connect_timeout" in e for e in errors), errors
     assert "broken" not in {o.get("name") for o in n.objects().values()}
     assert REVIEWS_V1 in {o.get("name") for o in n.objects().values()}
@@ -254,7 +255,8 @@ def test_malformed_resource_is_rejected_alone(tmp_path, make_nginx) -> None:
     (mesh / "endpoints.yaml").write_text("resources: [unclosed\n")
     time.sleep(0.5)
     assert _upstream_hosts(n.objects(), REVIEWS_V1) == ["127.0.0.11"]
-    assert any("cannot load" in e for e in _agent(n)["source"]["errors"])
+    n.wait_for(lambda: any("cannot load" in e for e in _agent(n)["source"]["errors"]),
+               what="unparseable file reported")
 
 
 def test_full_dict_fails_the_batch_whole_and_recovers(tmp_path, make_nginx) -> None:

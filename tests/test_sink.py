@@ -16,7 +16,7 @@ def test_first_batch_is_full_with_sentinel_and_index() -> None:
     sink.put("/routes/r1", b'{"id":"r1"}')
     sink.put("/upstreams/u1", b'{"id":"u1"}')
     assert sink.flush() == 1
-    batch, flags, sets, deletes = queue.batches[0]
+    _, flags, sets, deletes = queue.batches[0]
     keys = [k.decode() for k, _ in sets]
     assert flags == BATCH_FULL and deletes == []
     assert keys.index("/upstreams/u1") < keys.index("/routes/r1")  # upstreams first
@@ -65,7 +65,7 @@ def test_deletes_come_after_sets_routes_before_upstreams_and_update_the_index() 
 
 
 def test_put_then_delete_before_flush_sends_nothing() -> None:
-    sink, queue = _sink()
+    sink, _ = _sink()
     sink.put("/routes/a", b"1")
     sink.flush()
     sink.put("/routes/b", b"1")
@@ -89,6 +89,6 @@ def test_refused_batch_triggers_full_resync_after_backoff() -> None:
     sink.put("/routes/c", b"3")
     full = sink.flush(now=2.1)
     assert full is not None and full > batch
-    _, flags, sets, _ = queue.batches[-1]
+    _, flags, _, _ = queue.batches[-1]
     assert flags == BATCH_FULL
     assert {"/routes/a", "/routes/b", "/routes/c"} <= set(queue.data)

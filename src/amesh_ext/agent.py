@@ -12,6 +12,7 @@ leaves the last good state untouched (and is reported for the NACK).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -158,7 +159,8 @@ class Agent:
 
     def _retranslate_cluster(self, name: str) -> None:
         try:
-            translation = self._translate_cluster(name, self._assignment(self._cluster_eds.get(name)))
+            assignment = self._assignment(self._cluster_eds.get(name))
+            translation = self._translate_cluster(name, assignment)
         except (tr.InvalidResource, ValueError) as exc:
             # The cluster itself was accepted; keep its last good upstream.
             log.error("cluster %r kept at its last good upstream: %s", name, exc)
@@ -317,10 +319,8 @@ class _NativeErrorHandler(logging.Handler):
         self._queue = queue
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        with contextlib.suppress(Exception):  # logging must never take the agent down
             self._queue.log_error(self.format(record))
-        except Exception:  # logging must never take the agent down
-            pass
 
 
 def _setup_logging(level: str, queue: ChangeQueue) -> None:

@@ -75,13 +75,12 @@ def load_extensions() -> None:
     global _extensions_loaded
     if _extensions_loaded:
         return
+    import contextlib
     import importlib
 
     for module in _EXTENSION_MODULES:
-        try:
+        with contextlib.suppress(ImportError):
             importlib.import_module(module)
-        except ImportError:
-            pass
     _extensions_loaded = True
 
 
