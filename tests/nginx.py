@@ -268,7 +268,7 @@ class Nginx:
                 last = predicate()
                 if last:
                     return last
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 pass
             time.sleep(0.02)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}\n"

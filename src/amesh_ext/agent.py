@@ -298,7 +298,7 @@ class Agent:
             source = self._source.status() if self._source is not None else {}
             return {
                 "source": source,
-                "connected": source.get("connected", source.get("kind") == "file"),
+                "connected": bool(source.get("connected")),
                 "synced": self._synced,
                 "resources": {SHORT_NAMES[t]: len(v) for t, v in self._resources.items()},
                 "objects": len(self._key_owner),

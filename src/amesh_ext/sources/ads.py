@@ -164,7 +164,8 @@ class AdsSource:
         self._client.stop()
 
     def status(self) -> dict[str, Any]:
-        return self._client.status()
+        status = self._client.status()
+        return {"kind": "ads", "connected": status["state"] == "connected", **status}
 
 
 def _parse_address(address: str) -> tuple[str, str]:

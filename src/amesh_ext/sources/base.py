@@ -28,5 +28,6 @@ class Source(Protocol):
     def stop(self) -> None: ...
 
     def status(self) -> dict[str, Any]:
-        """A JSON-able snapshot for the agent's status."""
+        """A JSON-able snapshot for the agent's status, with at least "kind" and
+        "connected" (a live stream, or a readable file tree)."""
         ...

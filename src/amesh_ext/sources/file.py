@@ -70,7 +70,8 @@ class FileSource:
         self._held: dict[str, set[str]] = {t: set() for t in TYPE_ORDER}
         self._lock = threading.Lock()
         self._status: dict[str, Any] = {
-            "kind": "file", "path": str(self._root), "loads": 0, "last_load": None,
+            "kind": "file", "path": str(self._root), "connected": False, "loads": 0,
+            "last_load": None,
             "files": 0, "errors": [], "rejected": {},
         }
 
@@ -138,6 +139,7 @@ class FileSource:
         with self._lock:
             self._status.update(
                 loads=self._status["loads"] + 1, last_load=time.time(), files=len(by_file),
+                connected=bool(by_file),  # "connected" to a file source: it has files
                 errors=errors, rejected=rejected,
                 resources={t.rsplit(".", 1)[-1]: len(v) for t, v in by_type.items()},
             )
