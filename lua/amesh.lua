@@ -25,8 +25,9 @@ local defaults = {
     status_key = "amesh:status",     -- in version_dict; APISIX only reads "version"
     sentinel_key = "amesh:sentinel", -- keeps the data dict from ever being empty
     interval = 0.005,                -- seconds between polls in the agent process
-    max_changes = 256,               -- per amesh_poll call
-    max_polls = 8,                   -- per timer tick: bounds the event-loop stall
+    max_changes = 128,               -- per amesh_poll call
+    max_polls = 16,                  -- per timer tick, and…
+    tick_budget_us = 2000,           -- …no new poll after this long: bounds the event-loop stall
     status_interval = 1,
 }
 
@@ -207,7 +208,7 @@ local function drain_polls(dict, vdict)
                 end
             end
         end
-        if n < opts.max_changes then
+        if n < opts.max_changes or now_us() - tick_start > opts.tick_budget_us then
             return n
         end
     end

@@ -102,7 +102,8 @@ http {{
                 local dict = ngx.shared[ngx.var.arg_dict or "xds-config"]
                 for _, k in ipairs(dict:get_keys(0)) do
                     local v = dict:get(k)
-                    if v ~= nil then ngx.say(k, "\\t", v) end
+                    -- one line per key: the key index's values hold newlines
+                    if v ~= nil then ngx.say(k, "\\t", (tostring(v):gsub("\\n", "\\\\n"))) end
                 end
             }}
         }}
@@ -239,7 +240,7 @@ class Nginx:
         out = {}
         for line in self.get(f"/dump?dict={dict_name}").splitlines():
             key, _, value = line.partition("\t")
-            out[key] = value
+            out[key] = value.replace("\\n", "\n") if key.startswith("amesh:index:") else value
         return out
 
     def objects(self) -> dict[str, Any]:

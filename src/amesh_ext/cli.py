@@ -50,7 +50,9 @@ http {{
             content_by_lua_block {{
                 local dict = ngx.shared["xds-config"]
                 ngx.say("version\\t", ngx.shared["xds-config-version"]:get("version"))
-                for _, k in ipairs(dict:get_keys(0)) do ngx.say(k, "\\t", dict:get(k)) end
+                for _, k in ipairs(dict:get_keys(0)) do
+                    if k:sub(1, 1) == "/" then ngx.say(k, "\\t", dict:get(k)) end
+                end
             }}
         }}
     }}
