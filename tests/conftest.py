@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nginx import Nginx
+from peers.envoy import EnvoyPeer
+from peers.istiod import BOOKINFO_DIR, Istiod, copy_corpus, ensure_istiod_binary
 
 
 @pytest.fixture
@@ -27,3 +29,37 @@ def make_nginx(tmp_path: Path) -> Iterator:
     yield make
     for n in started:
         n.stop()
+
+
+@pytest.fixture(scope="session")
+def istiod_binary() -> Path:
+    """The real istiod (built from the pinned istio module, cached under ~/.cache/amesh)."""
+    return ensure_istiod_binary()
+
+
+@pytest.fixture
+def istiod(tmp_path: Path, istiod_binary: Path) -> Iterator[Istiod]:
+    """istiod serving a private copy of the bookinfo corpus (tests may edit it)."""
+    peer = Istiod(tmp_path / "istiod", binary=istiod_binary)
+    try:
+        peer.start(copy_corpus(BOOKINFO_DIR, tmp_path / "config"))
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture
+def envoy_factory(tmp_path: Path) -> Iterator:
+    """``make(xds_address, **EnvoyPeer kwargs)`` -> started EnvoyPeer; all stopped at teardown."""
+    started: list[EnvoyPeer] = []
+
+    def make(xds_address: str, **kwargs) -> EnvoyPeer:
+        peer = EnvoyPeer(tmp_path / f"envoy{len(started)}", xds_address, **kwargs)
+        started.append(peer)
+        return peer.start()
+
+    try:
+        yield make
+    finally:
+        for peer in started:
+            peer.stop()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from amesh_ext.resources import CLUSTER, ENDPOINTS, LISTENER, ROUTES
 from envoy.config.route.v3.route_components_pb2 import Route, RouteAction, RouteMatch, VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+
+from amesh_ext.resources import CLUSTER, ENDPOINTS, LISTENER, ROUTES
 from xds_server import XdsTestServer, cluster, endpoints, listener
 
 USER = "nobody nogroup" if os.geteuid() == 0 else None
