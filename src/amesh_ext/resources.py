@@ -127,8 +127,13 @@ class Resource:
         raw = message.SerializeToString(deterministic=True)
         return cls(type_url, name_of(type_url, message), raw, version, message)
 
+    def release(self) -> None:
+        """Drop the decoded message (the bytes stay): decoded protos cost several times their
+        wire size, and the agent only needs them while it translates."""
+        self._decoded = None
+
     def message(self) -> Message:
-        """The decoded message (decoded once, on first use)."""
+        """The decoded message (decoded on first use, kept until release())."""
         if self._decoded is None:
             msg = message_class(self.type_url)()
             try:

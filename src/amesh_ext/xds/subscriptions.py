@@ -103,6 +103,9 @@ class TypeState:
     held: dict[str, Held] = field(default_factory=dict)
     by_raw: dict[bytes, str] = field(default_factory=dict)  # SotW: skip decoding unchanged bytes
     refs: dict[str, frozenset[str]] = field(default_factory=dict)  # parent types: names named
+    # Held resources whose latest update was rejected: name -> reason. When the server sends
+    # the held (last good) bytes again, the handler must hear of it to drop the rejection.
+    rejected: dict[str, str] = field(default_factory=dict)
     version: str = ""  # last accepted (SotW version_info / Delta system_version_info)
     nonce: str = ""  # last response nonce on the current stream
     requested: bool = False  # a subscription request went out on the current stream
@@ -133,6 +136,7 @@ class TypeState:
             "last_nack": self.last_nack or None,
             "last_push": self.last_push,
             "resources": len(self.held),
+            "rejected": len(self.rejected),
         }
 
 
@@ -167,7 +171,7 @@ class Batch:
         known = name if name is not None else st.by_raw.get(raw)
         if known is not None:
             held = st.held.get(known)
-            if held is not None and held.raw == raw:
+            if held is not None and held.raw == raw and known not in st.rejected:
                 self.seen.add(known)
                 if st.wants(known):
                     self.refreshed[known] = version or self.version
@@ -227,6 +231,7 @@ class Subscriptions:
             if reason is not None:
                 rejected[res.name] = str(reason)
                 continue
+            st.rejected.pop(res.name, None)
             old = st.held.get(res.name)
             if old is not None:
                 st.by_raw.pop(old.raw, None)
@@ -236,6 +241,8 @@ class Subscriptions:
                 st.refs[res.name] = batch._refs[res.name]
         for name in gone:
             self._drop(st, name)
+        # Only held names: a rejected resource we never accepted keeps nothing to re-offer.
+        st.rejected.update((n, r) for n, r in rejected.items() if n in st.held)
         return rejected
 
     def follow(self, parent_type: str) -> tuple[TypeState, set[str], set[str]] | None:
@@ -292,6 +299,7 @@ class Subscriptions:
         if held is not None and st.by_raw.get(held.raw) == name:
             del st.by_raw[held.raw]
         st.refs.pop(name, None)
+        st.rejected.pop(name, None)
 
 
 def nack_message(rejected: dict[str, str]) -> str:
