@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nginx import Nginx
 from peers.envoy import EnvoyPeer
 from peers.istiod import BOOKINFO_DIR, Istiod, copy_corpus, ensure_istiod_binary
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A per-test directory that nginx workers running as `nobody` can traverse.
+
+    pytest's own tmp_path lives under /tmp/pytest-of-<user>, which every new pytest session
+    resets to mode 0700: a worker respawned later could then no longer read its files."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    path = Path(tempfile.mkdtemp(prefix=f"amesh-{name}-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
