@@ -19,12 +19,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import amesh_ext
+from amesh_ext.paths import bundled_mesh, install_dir
 
 NGINX = "/usr/sbin/nginx"
 MODULES = "/usr/lib/nginx/modules"
-PACKAGE_DIR = Path(amesh_ext.__file__).resolve().parent
+PACKAGE_DIR = install_dir()  # the library, lua/ and include/ (site-packages, also when editable)
 LIBRARY = PACKAGE_DIR / "libamesh.so"
+BUNDLED_MESH = bundled_mesh()
 
 
 def require_nginx() -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from nginx import LIBRARY, PACKAGE_DIR
+from nginx import BUNDLED_MESH, LIBRARY
 
 DRIVER = textwrap.dedent("""
     import ctypes, json, sys, time
@@ -53,7 +53,7 @@ DRIVER = textwrap.dedent("""
 
 
 def test_abi_in_a_hosting_process() -> None:
-    mesh = PACKAGE_DIR / "mesh" / "bookinfo"
+    mesh = BUNDLED_MESH
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(LIBRARY), str(mesh)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from nginx import PACKAGE_DIR
+from nginx import BUNDLED_MESH, PACKAGE_DIR
 
-BUNDLED = PACKAGE_DIR / "mesh" / "bookinfo"
+BUNDLED = BUNDLED_MESH
 USER = "nobody nogroup" if os.geteuid() == 0 else None  # workers as nobody, like APISIX
 REVIEWS_V1 = "outbound|9080|v1|reviews.default.svc.cluster.local"
 

@@ -21,8 +21,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLED_MESH = PACKAGE_DIR / "mesh" / "bookinfo"
+from .paths import bundled_mesh, install_dir
+
+PACKAGE_DIR = install_dir()
+BUNDLED_MESH = bundled_mesh()
 NGINX = "/usr/sbin/nginx"
 MODULES = "/usr/lib/nginx/modules"
 

@@ -84,6 +84,7 @@ class XdsClient:
         self.streams = 0
         self.last_error: str | None = None
         self.connected_since: float | None = None
+        self._responded = False  # the last stream got at least one response
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -132,8 +133,10 @@ class XdsClient:
                 continue
             delay = self._backoff.next_delay()
             self.state = "backoff"
+            # One line per connect and per disconnect; a failed attempt says so, not "disconnected".
             log.info(
-                "xds disconnected from %s (%s); retrying in %.2fs",
+                "xds %s %s (%s); retrying in %.2fs",
+                "disconnected from" if self._responded else "cannot connect to",
                 self.label, self.last_error, delay,
             )
             self._stop.wait(delay)
@@ -143,6 +146,7 @@ class XdsClient:
         """One stream from open to end. True = reconnect at once (protocol fallback)."""
         self.state = "connecting"
         self.streams += 1
+        self._responded = False
         proto = PROTOCOLS[self.protocol](self.subs)
         self.subs.new_stream()
         try:
@@ -164,7 +168,7 @@ class XdsClient:
                 requests.put(req)
             for resp in self._call:
                 if not responded:
-                    responded = True
+                    responded = self._responded = True
                     self._backoff.reset()  # the server is answering: the next drop starts over
                     self.state, self.connected_since = "connected", time.time()
                     log.info("xds connected to %s (%s)", self.label, proto.name)
