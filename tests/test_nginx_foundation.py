@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,8 +11,10 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
 from nginx import BUNDLED_MESH, PACKAGE_DIR
@@ -124,40 +127,48 @@ def test_source_edits_update_and_delete_keys_with_one_version_bump(tmp_path, mak
     n.wait_for(lambda: _all_workers_read(n, v3), what="both workers read the deletion")
 
 
-def test_stock_apisix_initial_entry_point(tmp_path, make_nginx) -> None:
+STOCK_APISIX_HARNESS = r"""
+    if ngx.worker.id() == 0 then
+        local ffi = require("ffi")
+        ffi.cdef[[
+            void *ngx_http_lua_ffi_shdict_udata_to_zone(void *zone_udata);
+            void initial(void *config_zone, void *version_zone);
+        ]]
+        local lib
+        for path in package.cpath:gmatch("[^;]+") do
+            local dir = path:match("^(.*)/[^/]*$")
+            if dir then
+                local ok, l = pcall(ffi.load, dir .. "/libxds.so")
+                if ok then lib = l break end
+            end
+        end
+        if not lib then ngx.log(ngx.ERR, "test: libxds.so not found") return end
+        local C = ffi.C
+        lib.initial(C.ngx_http_lua_ffi_shdict_udata_to_zone(ngx.shared["xds-config"][1]),
+                    C.ngx_http_lua_ffi_shdict_udata_to_zone(ngx.shared["xds-config-version"][1]))
+    end
+"""
+
+
+def _stock_apisix_nginx(tmp_path: Path, make_nginx, mesh: Path):
     """What APISIX's config_xds.lua does: find libxds.so on package.cpath, turn the dicts
-    into zones, call initial(); the library writes the dicts from its own thread."""
-    mesh = _mesh(tmp_path)
+    into zones, call initial(); the library writes the dicts from its own thread. Its
+    settings come from amesh.json beside the libxds.so it was loaded as (here a symlink)."""
     libdir = tmp_path / "cpath"
     libdir.mkdir()
     os.chmod(libdir, 0o755)
     (libdir / "libxds.so").symlink_to(PACKAGE_DIR / "libxds.so")
     (libdir / "amesh.json").write_text(json.dumps(_config(mesh)))
-    harness = r"""
-        if ngx.worker.id() == 0 then
-            local ffi = require("ffi")
-            ffi.cdef[[
-                void *ngx_http_lua_ffi_shdict_udata_to_zone(void *zone_udata);
-                void initial(void *config_zone, void *version_zone);
-            ]]
-            local lib
-            for path in package.cpath:gmatch("[^;]+") do
-                local dir = path:match("^(.*)/[^/]*$")
-                if dir then
-                    local ok, l = pcall(ffi.load, dir .. "/libxds.so")
-                    if ok then lib = l break end
-                end
-            end
-            if not lib then ngx.log(ngx.ERR, "test: libxds.so not found") return end
-            local C = ffi.C
-            lib.initial(C.ngx_http_lua_ffi_shdict_udata_to_zone(ngx.shared["xds-config"][1]),
-                        C.ngx_http_lua_ffi_shdict_udata_to_zone(ngx.shared["xds-config-version"][1]))
-        end
-    """
-    n = make_nginx(init_worker=harness, init="", exit_worker="", user=USER,
+    n = make_nginx(init_worker=STOCK_APISIX_HARNESS, init="", exit_worker="", user=USER,
                    cpath=f"{libdir}/?.so").start()
     n.wait_for(lambda: REVIEWS_V1 in {o.get("name") for o in n.objects().values()},
                what="initial() wrote the upstreams")
+    return n
+
+
+def test_stock_apisix_initial_entry_point(tmp_path, make_nginx) -> None:
+    mesh = _mesh(tmp_path)
+    n = _stock_apisix_nginx(tmp_path, make_nginx, mesh)
     version = n.version()
     assert re.fullmatch(r"\d{13}", version)
     assert n.dump()["amesh:sentinel"] == "1"
@@ -171,13 +182,12 @@ def test_stock_apisix_initial_entry_point(tmp_path, make_nginx) -> None:
     assert "exited on signal" not in n.log_text()
 
 
-def test_reload_kill_and_quit_under_streaming_changes(tmp_path, make_nginx) -> None:
-    mesh = _mesh(tmp_path)
-    n = make_nginx(config=_config(mesh), user=USER).start()
-    n.wait_for(lambda: _synced(n), what="first batch applied")
+@contextlib.contextmanager
+def _streaming_endpoint_changes(mesh: Path) -> Iterator[None]:
+    """Keep the agent busy: an endpoint moves every 20 ms while the block runs."""
     stop = threading.Event()
 
-    def stream() -> None:  # keep the agent busy: an endpoint moves every 20 ms
+    def stream() -> None:
         i = 0
         while not stop.is_set():
             _set_endpoint(mesh, REVIEWS_V1, f"127.0.1.{i % 250 + 1}")
@@ -187,26 +197,45 @@ def test_reload_kill_and_quit_under_streaming_changes(tmp_path, make_nginx) -> N
     streamer = threading.Thread(target=stream, daemon=True)
     streamer.start()
     try:
+        yield
+    finally:
+        stop.set()
+        streamer.join()
+
+
+@pytest.mark.parametrize("mode", ["lua", "initial"])
+def test_reload_kill_and_quit_under_streaming_changes(tmp_path, make_nginx, mode: str) -> None:
+    mesh = _mesh(tmp_path)
+    if mode == "lua":
+        n = make_nginx(config=_config(mesh), user=USER).start()
+        n.wait_for(lambda: _synced(n), what="first batch applied")
+    else:
+        n = _stock_apisix_nginx(tmp_path, make_nginx, mesh)
+    with _streaming_endpoint_changes(mesh):
         for _ in range(50):
             n.reload()
             time.sleep(0.15)
         # kill -9 the agent's worker: the master respawns it and the agent comes back.
-        agent_pid = n.wait_for(lambda: n.status()["agent_process"], what="agent pid")
-        os.kill(agent_pid, signal.SIGKILL)
-        n.wait_for(lambda: n.status()["agent_process"] != agent_pid and _synced(n),
-                   timeout=15, what="agent back in a respawned worker")
-    finally:
-        stop.set()
-        streamer.join()
+        if mode == "lua":
+            killed = [n.wait_for(lambda: n.status()["agent_process"], what="agent pid")]
+        else:  # initial() has no Lua status: kill every worker, worker 0 among them
+            killed = n.worker_pids()
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        n.wait_for(lambda: not set(killed) & set(n.worker_pids()) and len(n.worker_pids()) == 2,
+                   what="workers respawned")
+        if mode == "lua":
+            n.wait_for(lambda: n.status()["agent_process"] not in killed and _synced(n),
+                       timeout=15, what="agent back in a respawned worker")
     _set_endpoint(mesh, REVIEWS_V1, "127.0.0.77")
     n.wait_for(lambda: _upstream_hosts(n.objects(), REVIEWS_V1) == ["127.0.0.77"],
-               what="dict converges after reloads and kill")
+               timeout=15, what="dict converges after reloads and kill")
     # Consistent: exactly the keys of the mesh, nothing duplicated or left over.
     upstreams = [o["name"] for k, o in n.objects().items() if k.startswith("/upstreams/")]
     assert sorted(upstreams) == sorted(set(upstreams)) and len(upstreams) == 7
     crashes = [line for line in re.findall(r".*exited on signal.*", n.log_text())
-               if f"process {agent_pid} exited on signal 9" not in line]  # ours, by kill -9
-    assert crashes == []
+               if not any(f"process {pid} exited on signal 9" in line for pid in killed)]
+    assert crashes == []  # only the workers we killed
     assert n.quit() < 2
 
 
