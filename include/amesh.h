@@ -57,7 +57,8 @@ int amesh_start(const char *config_json);
 /* The last error of this process, "" if none. The string stays valid until the next error. */
 const char *amesh_last_error(void);
 
-/* Take up to max_changes queued changes, without blocking and without the GIL.
+/* Take up to max_changes queued changes, without blocking and without the GIL; a call
+ * returns changes of one batch only (it stops after a COMMIT).
  * Returns the number filled (0 when the queue is empty), or AMESH_EBUSY / AMESH_ESTOPPED.
  * Pointers in changes[] stay valid until the next amesh_poll() call. */
 int amesh_poll(amesh_change_t *changes, int max_changes);

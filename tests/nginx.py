@@ -170,17 +170,23 @@ class Nginx:
                 if p == Path("/"):
                     break
                 os.chmod(p, os.stat(p).st_mode | 0o711)
+        self._conf = {
+            "modules": MODULES, "workers": workers, "user": f"user {user};" if user else "",
+            "env": "\n".join(f"env {k}={v};" for k, v in (env or {}).items()),
+            "lua_path": f"{PACKAGE_DIR}/lua/?.lua", "cpath": cpath, "init": init,
+            "exit_worker": f"exit_worker_by_lua_block {{ {exit_worker} }}" if exit_worker else "",
+            "port": self.port, "dict_size": dict_size, "extra_locations": extra_locations,
+        }
+        self.write_conf(config, init_worker)
+
+    def write_conf(self, config: dict[str, Any] | str | None = None,
+                   init_worker: str | None = None) -> None:
+        """(Re)write nginx.conf, e.g. with another start config before a reload."""
         if init_worker is None:
             cfg = config if isinstance(config, str) else json.dumps(config or {})
             init_worker = AMESH_INIT_WORKER.format(config=lua_long_string(cfg))
-        env_lines = "\n".join(f"env {k}={v};" for k, v in (env or {}).items())
-        conf = CONF.format(
-            modules=MODULES, workers=workers, user=f"user {user};" if user else "",
-            env=env_lines, lua_path=f"{PACKAGE_DIR}/lua/?.lua", cpath=cpath,
-            init=init, init_worker=init_worker,
-            exit_worker=f"exit_worker_by_lua_block {{ {exit_worker} }}" if exit_worker else "",
-            port=self.port, dict_size=dict_size, extra_locations=extra_locations)
-        (prefix / "conf" / "nginx.conf").write_text(conf)
+        conf = CONF.format(init_worker=init_worker, **self._conf)
+        (self.prefix / "conf" / "nginx.conf").write_text(conf)
 
     @property
     def error_log(self) -> Path:

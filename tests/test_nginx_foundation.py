@@ -239,6 +239,34 @@ def test_reload_kill_and_quit_under_streaming_changes(tmp_path, make_nginx, mode
     assert n.quit() < 2
 
 
+@pytest.mark.parametrize("mode", ["lua", "initial"])
+def test_reload_onto_another_source_reconciles_the_dict(tmp_path, make_nginx, mode) -> None:
+    """The dict survives a reload; the new agent's first batch removes what the old one
+    wrote and the new source lacks (through the key index), and nothing else."""
+    mesh = _mesh(tmp_path)
+    smaller = tmp_path / "smaller"
+    shutil.copytree(mesh, smaller)
+    for name in ("clusters.yaml", "endpoints.yaml"):
+        doc = yaml.safe_load((smaller / name).read_text())
+        doc["resources"] = [r for r in doc["resources"]
+                            if REVIEWS_V1 not in (r.get("name"), r.get("cluster_name"))]
+        _write_yaml_atomic(smaller / name, doc)
+    if mode == "lua":
+        n = make_nginx(config=_config(mesh), user=USER).start()
+        n.wait_for(lambda: _synced(n), what="first batch applied")
+        n.write_conf(_config(smaller))
+    else:
+        n = _stock_apisix_nginx(tmp_path, make_nginx, mesh)
+        (tmp_path / "cpath" / "amesh.json").write_text(json.dumps(_config(smaller)))
+    before = set(n.objects())
+    n.reload()
+    n.wait_for(lambda: REVIEWS_V1 not in {o.get("name") for o in n.objects().values()},
+               what="the old run's upstream reconciled away")
+    after = set(n.objects())
+    assert len(before - after) == 1 and after < before  # exactly that key, nothing else
+    assert n.dump()["amesh:sentinel"] == "1"
+
+
 def test_invalid_start_config_is_reported_and_nginx_keeps_serving(make_nginx) -> None:
     n = make_nginx(config={"source": "http://nowhere", "bogus": 1}, user=USER).start()
     status = n.wait_for(lambda: n.status()["consumer"]["last_error"] and n.status(),

@@ -83,6 +83,7 @@ static int take_locked(amesh_msg_t **out, int max) {
         last = m;
         m = m->next;
         n++;
+        if (last->change.op == AMESH_OP_COMMIT) break; /* one batch per take */
     }
     if (n == 0) {
         *out = NULL;

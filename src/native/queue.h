@@ -23,7 +23,8 @@ void amesh_msg_free_list(amesh_msg_t *head);
  * Returns AMESH_ESTOPPED once the queue is closed. */
 int amesh_queue_push(amesh_msg_t *head, amesh_msg_t *tail, size_t count);
 
-/* Non-blocking take (trylock): up to max messages; the caller owns the returned list. */
+/* Non-blocking take (trylock): up to max messages, never past a COMMIT (a take holds
+ * changes of one batch only); the caller owns the returned list. */
 int amesh_queue_try_take(amesh_msg_t **out, int max);
 
 /* Blocking take for the writer thread: waits up to timeout_ms for messages. */

@@ -2,14 +2,16 @@
 
 ``fetch_sotw(address)`` subscribes like a sidecar (CDS+LDS wildcard, then EDS for the EDS
 clusters and RDS for the HCM route names), ACKs everything, and returns what istiod sent.
-``python -m tests.peers.dump_xds [--out DIR]`` (from the repo root) starts istiod on the
-bookinfo corpus and writes one JSON file per type, deterministic (sorted by name, no
-version_info/nonce), to ``tests/golden/istiod/bookinfo/`` for the translator's golden tests.
+``python -m tests.peers.dump_xds [--corpus NAME] [--out DIR]`` (from the repo root) starts
+istiod on a corpus (``CORPORA``: bookinfo, features) and writes one JSON file per type,
+deterministic (sorted by name, no version_info/nonce), to ``tests/golden/istiod/<corpus>/``
+for the translator's golden tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import pkgutil
@@ -27,6 +29,7 @@ from .istiod import (
     BOOKINFO_DIR,
     CLUSTER_ID,
     ISTIO_VERSION,
+    MESH_DIR,
     Istiod,
     copy_corpus,
     istio_module_version,
@@ -45,7 +48,31 @@ TYPE_FILES = {
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 PROBE_NODE_ID = "sidecar~127.0.0.1~amesh-probe.default~default.svc.cluster.local"
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden" / "istiod" / "bookinfo"
+GOLDEN_ROOT = Path(__file__).resolve().parents[1] / "golden" / "istiod"
+GOLDEN_DIR = GOLDEN_ROOT / "bookinfo"
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A directory of Istio YAML, where its goldens live, and the probe's locality (istiod
+    orders endpoints into priorities relative to it when a DestinationRule enables
+    locality load balancing)."""
+
+    name: str
+    config_dir: Path
+    golden_dir: Path
+    locality: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+CORPORA = {
+    "bookinfo": Corpus("bookinfo", BOOKINFO_DIR, GOLDEN_DIR),
+    "features": Corpus(
+        "features",
+        MESH_DIR / "features",
+        GOLDEN_ROOT / "features",
+        {"region": "region1", "zone": "zone1", "sub_zone": "sub1"},
+    ),
+}
 
 
 def probe_metadata() -> dict[str, Any]:
@@ -74,9 +101,15 @@ def _pb():
     return base_pb2, discovery_pb2, ads_pb2_grpc
 
 
-def make_node(node_id: str = PROBE_NODE_ID, metadata: dict[str, Any] | None = None):
+def make_node(
+    node_id: str = PROBE_NODE_ID,
+    metadata: dict[str, Any] | None = None,
+    locality: dict[str, str] | None = None,
+):
     base_pb2, _, _ = _pb()
     node = base_pb2.Node(id=node_id)
+    if locality:
+        node.locality.CopyFrom(base_pb2.Locality(**locality))
     md = struct_pb2.Struct()
     md.update(probe_metadata() if metadata is None else metadata)
     node.metadata.CopyFrom(md)
@@ -291,7 +324,9 @@ def fetch_sotw(
 # --------------------------------------------------------------------------- golden files
 
 
-def golden_documents(state: dict[str, dict[str, Any]]) -> dict[str, dict]:
+def golden_documents(
+    state: dict[str, dict[str, Any]], corpus: Corpus = CORPORA["bookinfo"]
+) -> dict[str, dict]:
     """``{file name: JSON document}``: resources sorted by name, nothing volatile."""
     docs = {}
     for type_url, file_name in TYPE_FILES.items():
@@ -303,8 +338,10 @@ def golden_documents(state: dict[str, dict[str, Any]]) -> dict[str, dict]:
         "node_id": PROBE_NODE_ID,
         "metadata": probe_metadata(),
         "istio_module": f"istio.io/istio@{istio_module_version()}",
-        "corpus": "tests/peers/mesh/bookinfo",
+        "corpus": f"tests/peers/mesh/{corpus.config_dir.name}",
     }
+    if corpus.locality:
+        docs["node.json"]["locality"] = corpus.locality
     return docs
 
 
@@ -318,24 +355,33 @@ def write_golden(docs: dict[str, dict], out: Path) -> None:
         (out / name).write_text(dumps(doc), encoding="utf-8")
 
 
-def dump_bookinfo(out: Path = GOLDEN_DIR) -> dict[str, dict]:
+def probe_corpus(address: str, corpus: Corpus) -> dict[str, dict]:
+    """The golden documents of what istiod at ``address`` sends the corpus' probe node."""
+    node = make_node(locality=corpus.locality)
+    return golden_documents(fetch_sotw(address, node=node), corpus)
+
+
+def dump_corpus(corpus: Corpus, out: Path | None = None) -> dict[str, dict]:
     with tempfile.TemporaryDirectory(prefix="amesh-istiod-") as tmp:
         istiod = Istiod(Path(tmp))
         with istiod:
-            istiod.start(copy_corpus(BOOKINFO_DIR, Path(tmp) / "config"))
-            docs = golden_documents(fetch_sotw(istiod.xds_address))
-    write_golden(docs, out)
+            istiod.start(copy_corpus(corpus.config_dir, Path(tmp) / "config"))
+            docs = probe_corpus(istiod.xds_address, corpus)
+    write_golden(docs, out or corpus.golden_dir)
     return docs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=GOLDEN_DIR)
+    ap.add_argument("--corpus", choices=sorted(CORPORA), default="bookinfo")
+    ap.add_argument("--out", type=Path, help="default: tests/golden/istiod/<corpus>")
     args = ap.parse_args()
-    docs = dump_bookinfo(args.out)
+    corpus = CORPORA[args.corpus]
+    out = args.out or corpus.golden_dir
+    docs = dump_corpus(corpus, out)
     for name, doc in sorted(docs.items()):
         count = len(doc.get("resources", []))
-        print(f"{args.out / name}: {count} resources" if "resources" in doc else args.out / name)
+        print(f"{out / name}: {count} resources" if "resources" in doc else out / name)
 
 
 if __name__ == "__main__":

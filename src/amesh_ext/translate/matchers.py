@@ -7,8 +7,9 @@ Semantics kept (Envoy's, see HeaderUtility::matchHeaders):
   APISIX's `!` is true for a missing var, so the missing case is spelled out explicitly;
 - literal values are PCRE-escaped, regexes are full matches (`\\A(?:R)\\z`).
 Known differences (documented, not fixable here): nginx decodes `%XX` and merges `//` in
-`uri`; repeated headers are joined with ", " (Envoy ","); query values are decoded in APISIX
-and raw in Envoy; a bare `?q` is boolean `true` in APISIX ("" in Envoy).
+`uri`; a repeated header is one var joined with ", " (Envoy matches any one value); query
+values are decoded in APISIX and raw in Envoy; a bare `?q` is boolean `true` in APISIX
+("" in Envoy).
 """
 
 from __future__ import annotations
