@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from . import translate as tr
+from .certs import ISTIO_CLIENT_SSL_ID, SSL_KEY, IstioCertFiles
 from .config import ConfigError, StartConfig
 from .native import ChangeQueue
 from .resources import CLUSTER, ENDPOINTS, LISTENER, ROUTES, SHORT_NAMES, Resource, ResourceError
@@ -32,7 +33,7 @@ from .sources import Source, make_source
 
 log = logging.getLogger("amesh.agent")
 
-Unit = tuple[str, str]  # ("cluster" | "routes" | "listener", resource name)
+Unit = tuple[str, str]  # ("cluster" | "routes" | "listener" | "certs", resource name)
 
 
 _TRIM_AFTER_SETS = 5000  # a batch this large leaves megabytes of freed heap behind
@@ -59,10 +60,16 @@ def _eds_name(cluster: Any) -> str | None:
 
 class Agent:
     def __init__(self, config: StartConfig, queue: ChangeQueue) -> None:
+        translate = dict(config.translate)
+        if not {"istio_client_cert_id", "istio_client_cert_pem"} & translate.keys():
+            # ISTIO_MUTUAL upstreams name the agent's client SSL object (see certs.py).
+            translate["istio_client_cert_id"] = ISTIO_CLIENT_SSL_ID
         try:
-            self._options = tr.TranslateOptions(**config.translate)
+            self._options = tr.TranslateOptions(**translate)
         except TypeError as exc:
             raise ConfigError(f"start config: invalid 'translate' section: {exc}") from exc
+        self._certs = (IstioCertFiles(tr.istio_cert_paths(self._options))
+                       if self._options.istio_client_cert_id == ISTIO_CLIENT_SSL_ID else None)
         self._config = config
         self._queue = queue
         self._lock = threading.RLock()
@@ -295,9 +302,18 @@ class Agent:
                             skip.feature, skip.resource, skip.detail)
 
     # -- the agent thread's periodic work --------------------------------------------------
+    def _refresh_certs(self) -> None:
+        if self._certs is None or not self._certs.changed():
+            return
+        ssl = self._certs.load()
+        self._set_unit(("certs", "istio"), tr.Translation({SSL_KEY: ssl} if ssl else {}, []))
+        if self._certs.error:
+            log.warning("%s", self._certs.error)
+
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
+            self._refresh_certs()
             if not self._synced and self._first_data is not None:
                 quiet = now - self._last_apply >= self._config.limit("first_sync_quiet")
                 late = now - self._first_data >= self._config.limit("first_sync_max_wait")
@@ -349,6 +365,8 @@ class Agent:
                 "rejected_count": sum(len(v) for v in self._rejected.values()),
                 "skipped": skipped,
                 "collisions": dict(self.collisions),
+                "istio_certs": (("loaded" if SSL_KEY in self._key_owner else self._certs.error
+                                 or "missing") if self._certs else "not managed"),
                 "sink": self.sink.status(),
                 "started_at": self.started_at,
             }

@@ -26,7 +26,7 @@ SENTINEL_KEY = "amesh:sentinel"
 log = logging.getLogger("amesh.sink")
 
 # Set order inside a batch: what others reference goes first.
-_SET_RANK = {"/upstreams/": 0, "/services/": 1, "/routes/": 2, "/stream_routes/": 2}
+_SET_RANK = {"/ssls/": 0, "/upstreams/": 1, "/services/": 2, "/routes/": 3, "/stream_routes/": 3}
 
 
 def _rank(key: str) -> int:

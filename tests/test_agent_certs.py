@@ -1,0 +1,74 @@
+"""ISTIO_MUTUAL upstreams name one client SSL object that the agent keeps in step with the
+files istio-agent writes (present, rotated, removed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from amesh_ext.agent import Agent
+from amesh_ext.certs import ISTIO_CLIENT_SSL_ID, SSL_KEY
+from amesh_ext.config import parse_start_config
+from amesh_ext.native import MemoryQueue
+from amesh_ext.resources import CLUSTER, parse_json_resource
+from apisix_schema import validate
+
+
+def _self_signed(directory: Path, cn: str) -> None:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", f"/CN={cn}",
+                    "-keyout", str(directory / "key.pem"),
+                    "-out", str(directory / "cert-chain.pem")],
+                   check=True, capture_output=True)
+
+
+MTLS_CLUSTER = {
+    "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+    "name": "outbound|80||secure.default.svc.cluster.local", "type": "STATIC",
+    "load_assignment": {"cluster_name": "secure", "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1",
+                                                     "port_value": 80}}}}]}]},
+    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "tls_certificate_sds_secret_configs": [{"name": "default"}],
+            "combined_validation_context": {"default_validation_context": {},
+                                            "validation_context_sds_secret_config": {
+                                                "name": "ROOTCA"}}}}},
+}
+
+
+def test_istio_mutual_upstreams_use_the_agents_client_ssl(tmp_path: Path) -> None:
+    queue = MemoryQueue()
+    config = parse_start_config(json.dumps(
+        {"source": "file:///dev/null", "translate": {"istio_cert_dir": str(tmp_path)}}))
+    agent = Agent(config, queue)
+    assert agent.apply(CLUSTER, [parse_json_resource(MTLS_CLUSTER, "test")], []) == {}
+    agent._first_data = agent._last_apply = 0  # settle the first sync at once
+    agent.tick(now=10)
+    upstream = next(json.loads(v) for k, v in queue.data.items() if k.startswith("/upstreams/"))
+    assert upstream["scheme"] == "https"
+    assert upstream["tls"] == {"client_cert_id": ISTIO_CLIENT_SSL_ID}
+    validate(next(k for k in queue.data if k.startswith("/upstreams/")), upstream)
+    assert SSL_KEY not in queue.data and agent.status()["istio_certs"] == "missing"
+
+    _self_signed(tmp_path, "first")  # istio-agent writes the workload certificate
+    agent.tick(now=11)
+    ssl = json.loads(queue.data[SSL_KEY])
+    assert ssl["type"] == "client" and "BEGIN CERTIFICATE" in ssl["cert"]
+    assert agent.status()["istio_certs"] == "loaded"
+    sets_before = agent.sink.counts["sets"]
+
+    first = ssl["cert"]
+    os.remove(tmp_path / "key.pem")
+    _self_signed(tmp_path, "rotated")
+    agent.tick(now=12)
+    assert json.loads(queue.data[SSL_KEY])["cert"] != first
+    assert agent.sink.counts["sets"] == sets_before + 1  # a rotation rewrites one key
+
+    os.remove(tmp_path / "key.pem")
+    agent.tick(now=13)
+    assert SSL_KEY not in queue.data
+    assert "not loaded" in agent.status()["istio_certs"]
