@@ -41,6 +41,7 @@ local counters = { batches_applied = 0, batches_failed = 0, batches_unchanged = 
                    sets = 0, deletes = 0, last_error = "", start_us = 0,
                    max_tick_us = 0,          -- the longest drain() call: the event-loop stall
                    last_batch_us = 0,        -- first poll of the last batch to its commit
+                   last_commit_at = 0,       -- unix time of the last commit (ms resolution)
                    last_batch_changes = 0 }
 
 ffi.cdef[[
@@ -224,6 +225,8 @@ local function finish_batch(dict, vdict)
     end
     counters.last_batch_us = now_us() - batch.t0
     counters.last_batch_changes = batch.changes
+    ngx.update_time()
+    counters.last_commit_at = ngx.now()
     batch = nil
     return true
 end

@@ -93,6 +93,7 @@ class Agent:
         self._last_apply = 0.0
         self._synced = False
         self.started_at = time.time()
+        self.first_batch_at: float | None = None  # unix time the first batch was queued
 
     # -- ResourceHandler -----------------------------------------------------------------
     def apply(
@@ -324,7 +325,8 @@ class Agent:
 
     def _flush(self, now: float) -> None:
         batch_before = self.sink.counts["sets"]
-        self.sink.flush(now)
+        if self.sink.flush(now) is not None and self.first_batch_at is None:
+            self.first_batch_at = time.time()
         if self.sink.counts["sets"] - batch_before >= _TRIM_AFTER_SETS:
             _trim_heap()
 
@@ -369,6 +371,7 @@ class Agent:
                                  or "missing") if self._certs else "not managed"),
                 "sink": self.sink.status(),
                 "started_at": self.started_at,
+                "first_batch_at": self.first_batch_at,
             }
 
 
