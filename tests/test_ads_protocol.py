@@ -272,6 +272,32 @@ def test_handler_rejection_is_nacked(
     assert handler.state[CLUSTER]["c2"].message().alt_stat_name == "fixed"
 
 
+def test_revert_to_last_good_reaches_the_handler(
+    client: Any, srv: XdsTestServer, handler: FakeHandler
+) -> None:
+    """After a NACK the server goes back to the version we hold (istiod does when the bad
+    config is removed): the bytes are unchanged, yet the handler must hear of them to drop
+    its rejection."""
+    handler.reject["c2"] = "bad"
+    srv.update(CLUSTER, cluster("c2", "svc2", stat="bad"))
+    n = len(srv.sent_of(CLUSTER))
+    srv.push(CLUSTER)
+    assert synced(srv, CLUSTER, n)[1].is_nack
+    assert client.status()["types"]["cds"]["rejected"] == 1
+    del handler.reject["c2"]
+    calls = len(handler.calls)
+    srv.update(CLUSTER, cluster("c2", "svc2"))  # the original bytes
+    srv.push(CLUSTER)
+    assert not synced(srv, CLUSTER, n + 1)[1].is_nack
+    assert any("c2" in c.upserts for c in handler.calls[calls:])
+    assert client.status()["types"]["cds"]["rejected"] == 0
+    # Once accepted, the same bytes again are a no-op for the handler.
+    calls = len(handler.calls)
+    srv.push(CLUSTER, full=True)
+    assert not synced(srv, CLUSTER, n + 2)[1].is_nack
+    assert not any("c2" in c.upserts for c in handler.calls[calls:])
+
+
 def test_handler_exception_nacks_and_keeps_stream(
     client: Any, srv: XdsTestServer, handler: FakeHandler
 ) -> None:

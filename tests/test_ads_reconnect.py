@@ -82,6 +82,7 @@ def test_backoff_grows_then_resets(srv: XdsTestServer, handler: FakeHandler) -> 
         for gap, ceiling in zip(gaps, [0.05, 0.1, 0.2, 0.4], strict=True):
             assert gap >= ceiling * 0.9, gaps
         assert src.status()["reconnects"] == 4 and src.status()["backoff_attempts"] == 0
+        assert src.status()["connections"] == 1  # refused attempts are not connections
 
         # the stream answered, so the next drop starts again from the base delay
         dropped = time.monotonic()

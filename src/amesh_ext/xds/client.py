@@ -81,7 +81,8 @@ class XdsClient:
         self._call: Any = None
         self._thread: threading.Thread | None = None
         self.state = "idle"
-        self.streams = 0
+        self.streams = 0  # attempts
+        self.connections = 0  # streams the server answered
         self.last_error: str | None = None
         self.connected_since: float | None = None
         self._responded = False  # the last stream got at least one response
@@ -111,6 +112,7 @@ class XdsClient:
             "protocol": self.protocol,
             "connected_since": self.connected_since,
             "reconnects": max(self.streams - 1, 0),
+            "connections": self.connections,
             "backoff_seconds": round(self._backoff.last_delay, 3),
             "backoff_attempts": self._backoff.attempts,
             "last_error": self.last_error,
@@ -169,6 +171,7 @@ class XdsClient:
             for resp in self._call:
                 if not responded:
                     responded = self._responded = True
+                    self.connections += 1
                     self._backoff.reset()  # the server is answering: the next drop starts over
                     self.state, self.connected_since = "connected", time.time()
                     log.info("xds connected to %s (%s)", self.label, proto.name)
