@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nginx import Nginx
 from peers.envoy import EnvoyPeer
 from peers.istiod import BOOKINFO_DIR, Istiod, copy_corpus, ensure_istiod_binary
+from xds_server import FakeHandler, XdsTestServer, mesh
 
 
 @pytest.fixture
@@ -78,3 +79,17 @@ def envoy_factory(tmp_path: Path) -> Iterator:
     finally:
         for peer in started:
             peer.stop()
+
+
+@pytest.fixture
+def srv() -> Iterator[XdsTestServer]:
+    """The Python ADS test control plane serving a small Istio-like mesh."""
+    with XdsTestServer() as server:
+        mesh(server)
+        yield server
+
+
+@pytest.fixture
+def handler() -> FakeHandler:
+    """A ResourceHandler that records every apply() and can reject chosen names."""
+    return FakeHandler()

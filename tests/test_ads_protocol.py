@@ -21,25 +21,12 @@ from xds_server import (
     cluster,
     endpoints,
     listener,
-    mesh,
     pack,
     route,
     source,
 )
 
 PROTOCOLS = ["delta", "sotw"]
-
-
-@pytest.fixture
-def srv() -> Iterator[XdsTestServer]:
-    with XdsTestServer() as server:
-        mesh(server)
-        yield server
-
-
-@pytest.fixture
-def handler() -> FakeHandler:
-    return FakeHandler()
 
 
 @pytest.fixture(params=PROTOCOLS)

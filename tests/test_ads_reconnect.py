@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -27,18 +26,6 @@ from xds_server import (
 )
 
 PROTOCOLS = ["delta", "sotw"]
-
-
-@pytest.fixture
-def srv() -> Iterator[XdsTestServer]:
-    with XdsTestServer() as server:
-        mesh(server)
-        yield server
-
-
-@pytest.fixture
-def handler() -> FakeHandler:
-    return FakeHandler()
 
 
 def synced(handler: FakeHandler) -> bool:

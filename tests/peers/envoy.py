@@ -19,6 +19,7 @@ from typing import Any
 from .istiod import (
     CLUSTER_ID,
     ISTIO_VERSION,
+    LoggedProcess,
     PeerError,
     die_with_parent,
     kill_process_group,
@@ -54,7 +55,7 @@ def envoy_binary() -> Path:
     return path
 
 
-class EnvoyPeer:
+class EnvoyPeer(LoggedProcess):
     """One Envoy process subscribed to istiod over ADS (SotW ``GRPC`` or ``DELTA_GRPC``).
 
     Node id ``sidecar~<node_ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`` with
@@ -257,17 +258,6 @@ class EnvoyPeer:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> EnvoyPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
-        except OSError:
-            return "<no log>"
 
     # -- admin
     def admin_get(self, path: str, timeout: float = 10.0) -> bytes:

@@ -325,7 +325,28 @@ def copy_corpus(src: Path, config_dir: Path) -> Path:
 # --------------------------------------------------------------------------- the server
 
 
-class Istiod:
+class LoggedProcess:
+    """A peer process with a log file: context manager and log tail, shared by the peers."""
+
+    log_path: Path
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # the subclass itself
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError:
+            return "<no log>"
+
+
+class Istiod(LoggedProcess):
     """One istiod process on free loopback ports.
 
     ``Istiod(workdir).start(config_dir)``; ports are chosen at construction and kept across
@@ -477,17 +498,6 @@ class Istiod:
             wait_for(lambda p=port: _bindable(p), 10, f"port {port} to be free")
         return self.start(timeout=timeout)
 
-    def __enter__(self) -> Istiod:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return _read(self.log_path)[-chars:]
-        except OSError:
-            return "<no log>"
 
     # -- config
     def write_config(self, name: str, content: str | Iterable[dict]) -> Path:

@@ -93,14 +93,7 @@ def request_headers(states: dict[str, _State]) -> dict:
                 remove.append(name)
         elif st.values:
             add[name] = _one(st.values)
-    out: dict = {}
-    if add:
-        out["add"] = add
-    if set_:
-        out["set"] = set_
-    if remove:
-        out["remove"] = remove
-    return out
+    return _mutations(add, set_, remove)
 
 
 def response_headers(states: dict[str, _State], skips: Skips, where: str) -> dict:
@@ -128,11 +121,9 @@ def response_headers(states: dict[str, _State], skips: Skips, where: str) -> dic
                           f"response header {name!r}: value {v!r} cannot be appended", where)
                 continue
             add.append(f"{name}: {v}")
-    out: dict = {}
-    if add:
-        out["add"] = add
-    if set_:
-        out["set"] = set_
-    if remove:
-        out["remove"] = remove
-    return out
+    return _mutations(add, set_, remove)
+
+
+def _mutations(add: dict | list, set_: dict, remove: list) -> dict:
+    """The plugin's `headers` object, with only the parts that hold something."""
+    return {k: v for k, v in (("add", add), ("set", set_), ("remove", remove)) if v}
