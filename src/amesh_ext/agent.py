@@ -114,11 +114,15 @@ class Agent:
                 try:
                     self._upsert(type_url, res)
                     self._rejected[type_url].pop(res.name, None)
-                except (ResourceError, tr.InvalidResource, ValueError) as exc:
-                    reason = str(exc) or type(exc).__name__
+                except Exception as exc:
+                    # Any failure (a translator bug too) rejects this resource alone: the
+                    # units are computed before anything changes, so the last good state stays.
+                    expected = isinstance(exc, (ResourceError, tr.InvalidResource, ValueError))
+                    reason = str(exc) if expected else f"internal error: {exc!r}"
                     rejected[res.name] = reason
                     self._rejected[type_url][res.name] = reason
-                    log.error("rejected %s %r: %s", SHORT_NAMES[type_url], res.name, reason)
+                    log.error("rejected %s %r: %s", SHORT_NAMES[type_url], res.name, reason,
+                              exc_info=not expected)
                 finally:
                     self._release_decoded()
             for name in removed:

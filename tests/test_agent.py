@@ -1,4 +1,4 @@
-"""ISTIO_MUTUAL upstreams name one client SSL object that the agent keeps in step with the
+"""The agent: ISTIO_MUTUAL upstreams name one client SSL object that the agent keeps in
 files istio-agent writes (present, rotated, removed)."""
 
 from __future__ import annotations
@@ -72,3 +72,26 @@ def test_istio_mutual_upstreams_use_the_agents_client_ssl(tmp_path: Path) -> Non
     agent.tick(now=13)
     assert SSL_KEY not in queue.data
     assert "not loaded" in agent.status()["istio_certs"]
+
+
+def test_a_translator_crash_rejects_only_that_resource(monkeypatch) -> None:
+    """A bug in translation (an unexpected exception) must not take the agent down or
+    lose other resources: the resource is rejected with the reason, the rest applies."""
+    from amesh_ext import translate
+
+    real = translate.translate_cluster
+
+    def flaky(cluster, *args):
+        if cluster.name == "boom":
+            raise KeyError("bug")
+        return real(cluster, *args)
+
+    monkeypatch.setattr(translate, "translate_cluster", flaky)
+    agent = Agent(parse_start_config('{"source": "file:///dev/null"}'), MemoryQueue())
+    good = dict(MTLS_CLUSTER, name="good")
+    bad = dict(MTLS_CLUSTER, name="boom")
+    rejected = agent.apply(CLUSTER, [parse_json_resource(bad, "t"),
+                                     parse_json_resource(good, "t")], [])
+    assert list(rejected) == ["boom"] and "internal error" in rejected["boom"]
+    assert agent.status()["resources"]["cds"] == 1
+    assert agent.status()["rejected"] == {"cds": {"boom": rejected["boom"]}}
