@@ -1,5 +1,5 @@
-"""The agent: ISTIO_MUTUAL upstreams name one client SSL object that the agent keeps in
-files istio-agent writes (present, rotated, removed)."""
+"""The agent in-process: the client SSL object that ISTIO_MUTUAL upstreams name, kept in
+step with the files istio-agent writes; per-resource rejection of translation failures."""
 
 from __future__ import annotations
 
