@@ -95,3 +95,22 @@ def test_a_translator_crash_rejects_only_that_resource(monkeypatch) -> None:
     assert list(rejected) == ["boom"] and "internal error" in rejected["boom"]
     assert agent.status()["resources"]["cds"] == 1
     assert agent.status()["rejected"] == {"cds": {"boom": rejected["boom"]}}
+
+
+def test_first_batch_waits_for_a_whole_config() -> None:
+    """ADS delivers CDS, EDS, LDS, RDS one after another; the first (FULL) batch must hold
+    all of them, or it would delete what a previous run left and re-add it a moment later."""
+    from amesh_ext.resources import ENDPOINTS, LISTENER, ROUTES, Resource
+    from xds_server import cluster, endpoints, listener, route
+
+    queue = MemoryQueue()
+    agent = Agent(parse_start_config('{"source": "file:///dev/null"}'), queue)
+    steps = [(CLUSTER, cluster("c1")), (ENDPOINTS, endpoints("c1", "10.0.0.1")),
+             (LISTENER, listener("l1", "r1")), (ROUTES, route("r1", "a.example"))]
+    for i, (type_url, msg) in enumerate(steps):
+        assert agent.apply(type_url, [Resource.from_message(type_url, msg)], []) == {}
+        agent.tick(now=agent._last_apply + 0.5)  # quiet long enough, not past the max wait
+        assert bool(queue.batches) == (i == len(steps) - 1), f"after {type_url}"
+    keys = {k.decode() for k, _ in queue.batches[0][2]}
+    assert any(k.startswith("/routes/") for k in keys)
+    assert any(k.startswith("/upstreams/") for k in keys)

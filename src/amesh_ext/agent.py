@@ -90,6 +90,7 @@ class Agent:
         self.collisions: dict[str, str] = {}
         self._source: Source | None = None
         self._first_data: float | None = None
+        self._types_seen: set[str] = set()
         self._last_apply = 0.0
         self._synced = False
         self.started_at = time.time()
@@ -134,6 +135,7 @@ class Agent:
             self._last_apply = now
             if self._first_data is None:
                 self._first_data = now
+            self._types_seen.add(type_url)
             if self._synced:
                 self._flush(now)
             return rejected
@@ -307,6 +309,17 @@ class Agent:
                             skip.feature, skip.resource, skip.detail)
 
     # -- the agent thread's periodic work --------------------------------------------------
+    def _has_every_needed_type(self) -> bool:
+        """The first batch replaces what a previous run left in the dict: it waits for a
+        whole config (clusters, listeners, and the endpoints and routes they name), or it
+        would briefly delete routes that an ADS push delivers a moment later."""
+        needed = {CLUSTER, LISTENER}
+        if self._eds_users:
+            needed.add(ENDPOINTS)
+        if any(self._listener_ports.values()):
+            needed.add(ROUTES)
+        return needed <= self._types_seen
+
     def _refresh_certs(self) -> None:
         if self._certs is None or not self._certs.changed():
             return
@@ -322,7 +335,7 @@ class Agent:
             if not self._synced and self._first_data is not None:
                 quiet = now - self._last_apply >= self._config.limit("first_sync_quiet")
                 late = now - self._first_data >= self._config.limit("first_sync_max_wait")
-                if quiet or late:
+                if (quiet and self._has_every_needed_type()) or late:
                     self._synced = True
             if self._synced:
                 self._flush(now)
