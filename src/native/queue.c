@@ -1,6 +1,7 @@
 #include "queue.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,8 +22,8 @@ static struct timespec deadline_after(int timeout_ms) {
 static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t q_cond = PTHREAD_COND_INITIALIZER;
 static amesh_msg_t *q_head, *q_tail;
-static size_t q_depth;
-static int q_closed;
+static atomic_size_t q_depth; /* written under q_lock, read without it */
+static atomic_int q_closed; /* written under q_lock, read without it by status */
 
 amesh_msg_t *amesh_msg_new(int op, uint32_t flags, uint64_t batch, const char *key,
                            size_t key_len, const char *value, size_t value_len) {
@@ -119,10 +120,7 @@ int amesh_queue_take_wait(amesh_msg_t **out, int max, int timeout_ms) {
 }
 
 size_t amesh_queue_depth(void) {
-    pthread_mutex_lock(&q_lock);
-    size_t d = q_depth;
-    pthread_mutex_unlock(&q_lock);
-    return d;
+    return atomic_load(&q_depth); /* for status: never waits on the producer's lock */
 }
 
 void amesh_queue_close(void) {
@@ -133,10 +131,7 @@ void amesh_queue_close(void) {
 }
 
 int amesh_queue_closed(void) {
-    pthread_mutex_lock(&q_lock);
-    int c = q_closed;
-    pthread_mutex_unlock(&q_lock);
-    return c;
+    return atomic_load(&q_closed);
 }
 
 /* Reports: a small ring; when full the oldest are overwritten (the agent only needs the
