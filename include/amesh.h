@@ -63,6 +63,11 @@ const char *amesh_last_error(void);
  * Pointers in changes[] stay valid until the next amesh_poll() call. */
 int amesh_poll(amesh_change_t *changes, int max_changes);
 
+/* The unix socket that signals queued batches ("" if there is none): a consumer connected
+ * to it receives a byte per queued batch and can drain at once instead of polling.
+ * Created by amesh_start(); only peers with the same uid are accepted. */
+const char *amesh_wakeup_socket(void);
+
 /* The consumer's verdict on a committed batch: status 0 applied, < 0 failed (message says
  * why, e.g. "no memory" for a full dict). The agent re-sends what a failed batch held. */
 void amesh_report(uint64_t batch, int status, const char *message);

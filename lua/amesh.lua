@@ -27,7 +27,9 @@ local defaults = {
     version_key = "version",
     status_key = "amesh:status",     -- in version_dict; APISIX only reads "version"
     sentinel_key = "amesh:sentinel", -- keeps the data dict from ever being empty
-    interval = 0.002,                -- seconds between polls in the agent process
+    wakeup = true,                   -- drain when the library signals a batch (unix socket)…
+    safety_interval = 0.05,          -- …and poll this often in case a wakeup is lost;
+    interval = 0.002,                -- without the wakeup socket, poll this often
     max_changes = 128,               -- per amesh_poll call
     max_polls = 16,                  -- per timer tick, and…
     tick_budget_us = 2000,           -- …no new poll after this long: bounds the event-loop stall
@@ -233,22 +235,26 @@ end
 
 local tick_start = 0
 
--- Apply queued changes until the queue is empty or the tick's budget is spent.
+-- Apply queued changes until the queue is empty (returns false) or the tick's budget is
+-- spent (returns true: more work is waiting).
 local function drain_polls(dict, vdict)
     if batch and batch.committing and not finish_batch(dict, vdict) then
-        return
+        return true
     end
     local buf = changes_buf
     for _ = 1, opts.max_polls do
         if now_us() - tick_start > opts.tick_budget_us then
-            return
+            return true
         end
         local n = lib.amesh_poll(buf, opts.max_changes)
         if n <= 0 then
-            if n ~= 0 and n ~= abi.EBUSY and n ~= abi.ESTOPPED then
+            if n == abi.EBUSY then
+                return true -- the producer holds the lock for a moment
+            end
+            if n ~= 0 and n ~= abi.ESTOPPED then
                 log_error("amesh_poll: ", n)
             end
-            return
+            return false
         end
         for i = 0, n - 1 do
             local c = buf[i]
@@ -271,12 +277,13 @@ local function drain_polls(dict, vdict)
                     -- A poll stops after a COMMIT: nothing else is left in buf.
                     batch.committing = true
                     if not finish_batch(dict, vdict) then
-                        return
+                        return true
                     end
                 end
             end
         end
     end
+    return true
 end
 
 local function drain(premature)
@@ -284,10 +291,56 @@ local function drain(premature)
         return
     end
     tick_start = now_us()
-    drain_polls(ngx.shared[opts.dict], ngx.shared[opts.version_dict])
+    local more = drain_polls(ngx.shared[opts.dict], ngx.shared[opts.version_dict])
     local took = now_us() - tick_start
     if took > counters.max_tick_us then
         counters.max_tick_us = took
+    end
+    if more then
+        -- Yield to the event loop, then go on: a wakeup was already spent on this work.
+        ngx.timer.at(0, drain)
+    end
+end
+
+-- Event-driven draining: a cosocket blocked on the library's wakeup socket (one byte per
+-- queued batch). The library shuts the socket down when nginx exits, ending the loop.
+local wakeup = { state = "off", wakeups = 0 }
+local fast_timer_started = false
+
+local function start_fast_timer()
+    if not fast_timer_started then
+        fast_timer_started = true
+        ngx.timer.every(opts.interval, drain)
+    end
+end
+
+local function wakeup_loop(premature, path)
+    if premature or ngx.worker.exiting() then
+        return
+    end
+    local sock = ngx.socket.tcp()
+    local ok, err = sock:connect("unix:" .. path)
+    if not ok then
+        wakeup.state = "connect failed: " .. tostring(err)
+        log_error("wakeup socket ", path, ": ", err, "; polling every ", opts.interval, " s")
+        start_fast_timer()
+        return
+    end
+    wakeup.state = "connected"
+    sock:settimeouts(1000, 1000, 3600 * 1000) -- a quiet mesh: one read timeout an hour
+    while not ngx.worker.exiting() do
+        local data, rerr = sock:receiveany(4096)
+        if data then
+            wakeup.wakeups = wakeup.wakeups + 1
+            drain(false)
+        elseif rerr ~= "timeout" then
+            wakeup.state = "closed: " .. tostring(rerr)
+            break
+        end
+    end
+    sock:close()
+    if not ngx.worker.exiting() then
+        ngx.timer.at(0.1, wakeup_loop, path)
     end
 end
 
@@ -316,7 +369,8 @@ local function publish_status(premature)
         parts[#parts + 1] = '"' .. k .. '":' .. (type(v) == "string" and json_string(v) or v) .. ","
     end
     parts[#parts] = sub(parts[#parts], 1, -2)
-    parts[#parts + 1] = '},"library":' .. library_status() .. '}'
+    parts[#parts + 1] = '},"wakeup":{"state":' .. json_string(wakeup.state) .. ',"wakeups":'
+        .. wakeup.wakeups .. '},"library":' .. library_status() .. '}'
     local ok, err = ngx.shared[opts.version_dict]:set(opts.status_key, table.concat(parts))
     if not ok then
         log_error("cannot store status: ", err)
@@ -366,9 +420,20 @@ function _M.init_worker(user_opts)
         return nil, err
     end
     ngx_log(INFO, "amesh: agent started in process ", ngx.worker.pid())
-    local okt, terr = ngx.timer.every(opts.interval, drain)
+    local path = ffi_string(lib.amesh_wakeup_socket())
+    local okt, terr
+    if opts.wakeup and path ~= "" then
+        okt, terr = ngx.timer.every(opts.safety_interval, drain)
+        if okt then
+            okt, terr = ngx.timer.at(0, wakeup_loop, path)
+        end
+    else
+        wakeup.state = "off"
+        fast_timer_started = true
+        okt, terr = ngx.timer.every(opts.interval, drain)
+    end
     if not okt then
-        log_error("cannot start the poll timer: ", terr)
+        log_error("cannot start the poll timers: ", terr)
         return nil, terr
     end
     ngx.timer.every(opts.status_interval, publish_status)

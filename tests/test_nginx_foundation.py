@@ -267,6 +267,30 @@ def test_reload_onto_another_source_reconciles_the_dict(tmp_path, make_nginx, mo
     assert n.dump()["amesh:sentinel"] == "1"
 
 
+def test_batches_wake_the_consumer_without_polling(tmp_path, make_nginx) -> None:
+    """With the safety poll slowed to 30 s, changes still land at once: the library's
+    wakeup socket drives the consumer. Graceful quit still ends the blocked receive."""
+    mesh = _mesh(tmp_path)
+    config = json.dumps(_config(mesh))
+    init = f"""
+        local ok, err = require("amesh").init_worker({{
+            config = [==[{config}]==], safety_interval = 30 }})
+        if not ok then ngx.log(ngx.ERR, "test: ", err) end
+    """
+    n = make_nginx(init_worker=init, user=USER).start()
+    n.wait_for(lambda: _synced(n), what="first batch applied")
+    t0 = time.monotonic()
+    _set_endpoint(mesh, REVIEWS_V1, "127.0.0.55")
+    n.wait_for(lambda: _upstream_hosts(n.objects(), REVIEWS_V1) == ["127.0.0.55"],
+               timeout=5, what="change drained on a wakeup")
+    assert time.monotonic() - t0 < 5  # far below the 30 s safety poll
+    status = n.wait_for(lambda: (s := n.status())["wakeup"]["wakeups"] >= 2 and s,
+                        what="wakeups counted")
+    assert status["wakeup"]["state"] == "connected"
+    assert n.quit() < 2
+    assert "exited on signal" not in n.log_text()
+
+
 def test_invalid_start_config_is_reported_and_nginx_keeps_serving(make_nginx) -> None:
     n = make_nginx(config={"source": "http://nowhere", "bogus": 1}, user=USER).start()
     status = n.wait_for(lambda: n.status()["consumer"]["last_error"] and n.status(),

@@ -16,6 +16,7 @@ typedef struct amesh_change_s {
 int amesh_start(const char *config_json);
 const char *amesh_last_error(void);
 int amesh_poll(amesh_change_t *changes, int max_changes);
+const char *amesh_wakeup_socket(void);
 void amesh_report(uint64_t batch, int status, const char *message);
 size_t amesh_status(char *buf, size_t buf_len);
 int amesh_stop(int timeout_ms);

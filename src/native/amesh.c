@@ -93,8 +93,12 @@ static int start_mode(const char *config_json, int mode) {
 }
 
 AMESH_EXPORT int amesh_start(const char *config_json) {
-    return start_mode(config_json, AMESH_MODE_POLL);
+    int rc = start_mode(config_json, AMESH_MODE_POLL);
+    if (rc == AMESH_OK) amesh_wakeup_start(); /* optional: the consumer polls without it */
+    return rc;
 }
+
+AMESH_EXPORT const char *amesh_wakeup_socket(void) { return amesh_wakeup_path(); }
 
 AMESH_EXPORT int amesh_poll(amesh_change_t *changes, int max_changes) {
     if (changes == NULL || max_changes <= 0) return AMESH_EINVAL;

@@ -1,4 +1,5 @@
 #include "queue.h"
+#include "state.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -73,6 +74,7 @@ int amesh_queue_push(amesh_msg_t *head, amesh_msg_t *tail, size_t count) {
     q_depth += count;
     pthread_cond_signal(&q_cond);
     pthread_mutex_unlock(&q_lock);
+    amesh_wakeup_notify();
     return AMESH_OK;
 }
 

@@ -21,6 +21,14 @@ const char *amesh_initial_config(void);
 /* embed.c: start the interpreter (or attach to a running one) and the agent. */
 int amesh_embed_start(const char *config_json, int mode);
 
+/* wakeup.c: the socket that wakes the Lua consumer when a batch is queued. */
+int amesh_wakeup_start(void);
+const char *amesh_wakeup_path(void);
+void amesh_wakeup_notify(void);
+
+/* writer.c: nginx is shutting down (its quit/terminate/exiting flags); 0 outside nginx. */
+int amesh_nginx_exiting(void);
+
 /* writer.c */
 int amesh_writer_start(void *config_zone, void *version_zone);
 int amesh_writer_fence(int timeout_ms);

@@ -39,10 +39,19 @@ static atomic_int stopping, in_flight, running;
 static atomic_ullong batches_applied, batches_failed, stores;
 static char version_text[32];
 
-static int nginx_exiting(void) {
-    return atomic_load(&stopping) || (ngx_quit_p && *ngx_quit_p) ||
-           (ngx_terminate_p && *ngx_terminate_p) || (ngx_exiting_p && *ngx_exiting_p);
+int amesh_nginx_exiting(void) {
+    static atomic_int resolved;
+    if (!atomic_exchange(&resolved, 1)) {
+        /* nginx exports these (modules link against it): set by its signal handlers. */
+        ngx_quit_p = dlsym(RTLD_DEFAULT, "ngx_quit");
+        ngx_terminate_p = dlsym(RTLD_DEFAULT, "ngx_terminate");
+        ngx_exiting_p = dlsym(RTLD_DEFAULT, "ngx_exiting");
+    }
+    return (ngx_quit_p && *ngx_quit_p) || (ngx_terminate_p && *ngx_terminate_p) ||
+           (ngx_exiting_p && *ngx_exiting_p);
 }
+
+static int nginx_exiting(void) { return atomic_load(&stopping) || amesh_nginx_exiting(); }
 
 /* Every touch of the zones goes through enter/leave so the exit fence can wait for it. */
 static int enter(void) {
@@ -294,9 +303,6 @@ int amesh_writer_start(void *config_zone, void *version_zone) {
         amesh_log_error("initial(): lua-nginx-module's shdict FFI functions are not loaded");
         return AMESH_ERUNTIME;
     }
-    ngx_quit_p = dlsym(RTLD_DEFAULT, "ngx_quit");
-    ngx_terminate_p = dlsym(RTLD_DEFAULT, "ngx_terminate");
-    ngx_exiting_p = dlsym(RTLD_DEFAULT, "ngx_exiting");
     zone_cfg = config_zone;
     zone_ver = version_zone;
 
