@@ -52,14 +52,21 @@ class _Group:
     bodies: list[_Body]
 
 
+_HEADER_FIELDS = {True: ("request_headers_to_add", "request_headers_to_remove"),
+                  False: ("response_headers_to_add", "response_headers_to_remove")}
+
+
 def _header_levels(rc, vh, route, request: bool) -> list[HeaderLevel]:
-    prefix = "request" if request else "response"
-    levels = [
-        HeaderLevel(list(getattr(m, f"{prefix}_headers_to_add")),
-                    list(getattr(m, f"{prefix}_headers_to_remove")), where)
-        for m, where in ((route, f"route {route.name!r}"), (vh, f"virtual host {vh.name!r}"),
-                         (rc, "route config"))
-    ]
+    """The levels that mutate headers, in evaluation order. Levels without mutations are
+    left out (they change nothing in fold()): most routes have none, and this runs for
+    every route of every push."""
+    add_field, remove_field = _HEADER_FIELDS[request]
+    levels = []
+    for m, kind in ((route, "route"), (vh, "virtual host"), (rc, "")):
+        add, remove = getattr(m, add_field), getattr(m, remove_field)
+        if add or remove:
+            where = f"{kind} {m.name!r}" if kind else "route config"
+            levels.append(HeaderLevel(list(add), list(remove), where))
     return levels[::-1] if rc.most_specific_header_mutations_wins else levels
 
 
