@@ -3,7 +3,9 @@ translation and diffing without the file source's JSON parsing.
 
 - full apply: all CDS, EDS, LDS, RDS of N services applied and the first batch queued;
 - one endpoint set changed: apply() of one ClusterLoadAssignment to the batch queued
-  (p50/p99 over 200 changes), the figure to hold flat as the mesh grows.
+  (p50/p99 over 200 changes), the figure to hold flat as the mesh grows;
+- one service added: the CDS re-push (all clusters and one more), its endpoints and the
+  RDS re-push (all virtual hosts and one more), as istiod sends them (20 additions).
 
   /opt/amesh/venv/bin/python bench/bench_agent.py [--sizes 1000,10000]
 """
@@ -21,7 +23,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from synthetic_mesh import cluster, cluster_names, endpoints, listener, virtual_host  # noqa: E402
+from synthetic_mesh import (  # noqa: E402
+    cluster,
+    cluster_name,
+    cluster_names,
+    endpoints,
+    listener,
+    virtual_host,
+)
 
 from amesh_ext.agent import Agent  # noqa: E402
 from amesh_ext.config import parse_start_config  # noqa: E402
@@ -77,9 +86,28 @@ def run(n: int) -> dict:
         agent.apply(ENDPOINTS, [res], [])
         times.append((time.perf_counter() - t) * 1e3)
     times.sort()
+    # One service added, as istiod pushes it: the whole CDS again (one cluster more), its
+    # endpoints, and the whole route configuration again (one virtual host more).
+    adds = []
+    clusters, vhosts = list(wire[CLUSTER]), [virtual_host(i) for i in range(n)]
+    for k in range(20):
+        i = n + k
+        clusters.append(as_wire(cluster(cluster_name(i))))
+        vhosts.append(virtual_host(i))
+        cds, eds = list(clusters), as_wire(endpoints(cluster_name(i), i))
+        rds = as_wire({"@type": "type.googleapis.com/envoy.config.route.v3."
+                                "RouteConfiguration", "name": "80",
+                       "ignore_port_in_host_matching": True, "virtual_hosts": vhosts})
+        t = time.perf_counter()
+        agent.apply(CLUSTER, cds, [])
+        agent.apply(ENDPOINTS, [eds], [])
+        agent.apply(ROUTES, [rds], [])
+        adds.append((time.perf_counter() - t) * 1e3)
+    adds.sort()
     rss = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
     return {"services": n, "objects": agent.status()["objects"], "full_apply_s": round(full_s, 3),
             "eds_change_p50_ms": round(times[100], 3), "eds_change_p99_ms": round(times[197], 3),
+            "service_add_p50_ms": round(adds[10], 1), "service_add_max_ms": round(adds[-1], 1),
             "rss_mb": rss}
 
 

@@ -26,8 +26,10 @@ import orjson
 from . import translate as tr
 from .certs import ISTIO_CLIENT_SSL_ID, SSL_KEY, IstioCertFiles
 from .config import ConfigError, StartConfig
+from .encoding import to_json
 from .native import ChangeQueue
 from .resources import CLUSTER, ENDPOINTS, LISTENER, ROUTES, SHORT_NAMES, Resource, ResourceError
+from .route_pieces import RouteConfigTranslator
 from .sink import DictSink
 from .sources import Source, make_source
 
@@ -43,12 +45,6 @@ def _trim_heap() -> None:
     """Give freed heap back to the OS after a large apply (glibc only; else a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _to_json(obj: dict[str, Any]) -> bytes:
-    # orjson returns bytes with spare capacity (kilobytes per object); the agent keeps every
-    # object's JSON, so keep an exact-size copy (saves ~100 MB at 10,000 services).
-    return memoryview(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).tobytes()
 
 
 def _eds_name(cluster: Any) -> str | None:
@@ -85,6 +81,7 @@ class Agent:
         self._cluster_eds: dict[str, str] = {}
         self._listener_ports: dict[str, dict[str, int | None]] = {}  # listener -> rc -> port
         self._route_hashes: dict[str, dict[str, tr.HashPolicy]] = {}  # rc -> cluster -> hash
+        self._route_translators: dict[str, RouteConfigTranslator] = {}  # per-vhost reuse
         self._rejected: dict[str, dict[str, str]] = {t: {} for t in self._resources}
         self._decoded_in_use: list[Resource] = []
         self.collisions: dict[str, str] = {}
@@ -164,7 +161,7 @@ class Agent:
             self._set_unit(("listener", res.name), lt.translation)
         else:
             port = self._route_port(res.name)
-            translation = tr.translate_route_configuration(msg, port, self._options)
+            translation = self._route_translator(res.name).translate(msg, port, self._options)
             hashes = tr.route_hash_policies(msg)
             self._resources[ROUTES][res.name] = res
             self._set_unit(("routes", res.name), translation)
@@ -182,6 +179,7 @@ class Agent:
             self._set_listener_ports(name, {})
             self._set_unit(("listener", name), None)
         else:
+            self._route_translators.pop(name, None)
             self._set_unit(("routes", name), None)
             self._set_route_hashes(name, {})
 
@@ -242,12 +240,18 @@ class Agent:
     def _retranslate_routes(self, name: str) -> None:
         msg = self._decode(self._resources[ROUTES][name])
         try:
-            translation = tr.translate_route_configuration(
+            translation = self._route_translator(name).translate(
                 msg, self._route_port(name), self._options)
         except (tr.InvalidResource, ValueError) as exc:
             log.error("route configuration %r kept at its last good routes: %s", name, exc)
             return
         self._set_unit(("routes", name), translation)
+
+    def _route_translator(self, route_config: str) -> RouteConfigTranslator:
+        translator = self._route_translators.get(route_config)
+        if translator is None:
+            translator = self._route_translators[route_config] = RouteConfigTranslator()
+        return translator
 
     def _hash_for(self, cluster: str) -> tr.HashPolicy | None:
         for rc in sorted(self._route_hashes):
@@ -281,7 +285,8 @@ class Agent:
                     self.collisions[key] = f"{unit} collides with {owner}"
                     log.error("key %s from %s collides with %s: kept the first", key, unit, owner)
                     continue
-                new[key] = _to_json(obj)
+                # Pieces reused by route_pieces arrive already encoded.
+                new[key] = obj if isinstance(obj, bytes) else to_json(obj)
             self._record_skips(unit, translation.skipped)
         else:
             self._unit_skips.pop(unit, None)

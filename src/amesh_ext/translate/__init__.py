@@ -18,6 +18,7 @@ upstreams (Cluster), listeners (Listener).
 """
 
 from .hashing import route_hash_policies
+from .hosts import check_domains as check_route_domains
 from .ids import route_key_prefix, stream_route_key_prefix, upstream_id
 from .listeners import translate_listener
 from .model import HashPolicy, InvalidResource, ListenerTranslation, Skip, Translation
@@ -32,6 +33,7 @@ __all__ = [
     "Skip",
     "TranslateOptions",
     "Translation",
+    "check_route_domains",
     "istio_cert_paths",
     "route_hash_policies",
     "route_key_prefix",
