@@ -76,6 +76,10 @@ void amesh_report(uint64_t batch, int status, const char *message);
  * Returns the full length of the JSON (call again with a larger buffer if >= buf_len). */
 size_t amesh_status(char *buf, size_t buf_len);
 
+/* Monotonic clock in microseconds, for a consumer's own timing (tick budgets, stats)
+ * without declaring libc functions that its host may declare differently. */
+uint64_t amesh_clock_us(void);
+
 /* Fence for the exit path: no more writes or queued changes; waits up to timeout_ms for
  * writes in flight. Returns AMESH_OK, or AMESH_EBUSY if writes were still in flight. */
 int amesh_stop(int timeout_ms);

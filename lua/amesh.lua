@@ -46,14 +46,8 @@ local counters = { batches_applied = 0, batches_failed = 0, batches_unchanged = 
                    last_commit_at = 0,       -- unix time of the last commit (ms resolution)
                    last_batch_changes = 0 }
 
-ffi.cdef[[
-typedef struct { long tv_sec; long tv_nsec; } amesh_timespec_t;
-int clock_gettime(int clk_id, amesh_timespec_t *tp);
-]]
-local ts = ffi.new("amesh_timespec_t")
 local function now_us()
-    ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-    return tonumber(ts.tv_sec) * 1e6 + tonumber(ts.tv_nsec) / 1e3
+    return tonumber(lib.amesh_clock_us()) -- the library's clock: no libc cdef to clash with
 end
 
 local function log_error(...)

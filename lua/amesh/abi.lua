@@ -19,6 +19,7 @@ int amesh_poll(amesh_change_t *changes, int max_changes);
 const char *amesh_wakeup_socket(void);
 void amesh_report(uint64_t batch, int status, const char *message);
 size_t amesh_status(char *buf, size_t buf_len);
+uint64_t amesh_clock_us(void);
 int amesh_stop(int timeout_ms);
 void initial(void *config_zone, void *version_zone);
 ]]

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "amesh.h"
 #include "queue.h"
@@ -141,6 +142,12 @@ AMESH_EXPORT size_t amesh_status(char *buf, size_t buf_len) {
                      agent_status ? agent_status : "null");
     pthread_mutex_unlock(&st_lock);
     return n < 0 ? 0 : (size_t)n;
+}
+
+AMESH_EXPORT uint64_t amesh_clock_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
 AMESH_EXPORT int amesh_stop(int timeout_ms) {
