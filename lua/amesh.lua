@@ -74,13 +74,16 @@ function _M.init()
     end
 end
 
-local function is_agent_process()
+-- with_agent: whether a privileged agent process exists (it then runs the agent, never a
+-- worker). init() knows when it enabled one; a host that enabled it itself (APISIX does)
+-- says so with opts.privileged_agent = true.
+local function is_agent_process(with_agent)
     local ok, process = pcall(require, "ngx.process")
     local ptype = ok and process.type() or "worker"
     if ptype == "privileged agent" then
         return true
     end
-    return ptype == "worker" and not privileged_agent_enabled and ngx.worker.id() == 0
+    return ptype == "worker" and not with_agent and ngx.worker.id() == 0
 end
 
 local function bump_version(vdict)
@@ -374,7 +377,11 @@ end
 -- Call in init_worker_by_lua. opts.config: the start config as a JSON string.
 function _M.init_worker(user_opts)
     user_opts = user_opts or {}
-    if not is_agent_process() then
+    local with_agent = user_opts.privileged_agent
+    if with_agent == nil then
+        with_agent = privileged_agent_enabled
+    end
+    if not is_agent_process(with_agent) then
         return true
     end
     opts = {}
