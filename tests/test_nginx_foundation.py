@@ -291,6 +291,20 @@ def test_batches_wake_the_consumer_without_polling(tmp_path, make_nginx) -> None
     assert "exited on signal" not in n.log_text()
 
 
+def test_no_worker_runs_the_agent_when_the_host_has_a_privileged_agent(tmp_path,
+                                                                      make_nginx) -> None:
+    """privileged_agent = true: the privileged agent runs amesh, so no worker does (Debian's
+    nginx has no privileged agent: here nothing may start at all)."""
+    mesh = _mesh(tmp_path)
+    init = f"""require("amesh").init_worker({{ config = [==[{json.dumps(_config(mesh))}]==],
+                                              privileged_agent = true }})"""
+    n = make_nginx(init_worker=init, user=USER).start()
+    time.sleep(1.5)
+    assert "no status published yet" in n.get("/status")
+    assert not n.objects()
+    assert "agent started" not in n.log_text()
+
+
 def test_invalid_start_config_is_reported_and_nginx_keeps_serving(make_nginx) -> None:
     n = make_nginx(config={"source": "http://nowhere", "bogus": 1}, user=USER).start()
     status = n.wait_for(lambda: n.status()["consumer"]["last_error"] and n.status(),
