@@ -31,8 +31,8 @@ from peers.sds import SdsServer
 
 CORPUS = CORPORA["features"]
 HTTP, ALT, TCP = 17080, 17081, 17090
-DRAWS = 40  # per request with a random outcome: P(missing a 20% outcome) = 0.8**40 < 1e-3
-TOLERANCE = 0.25  # |observed - expected| frequency; ~4 standard deviations at 40 draws
+DRAWS = 80  # per request with a random outcome: P(missing a 20% outcome) = 0.8**80 < 1e-7
+TOLERANCE = 0.25  # |observed - expected| frequency; >= 4.5 standard deviations at 80 draws
 DELAYED = 0.45  # seconds: the corpus' fault delay is 0.5 s, proxying here takes ms
 
 # Requests on which APISIX, given amesh's translation, cannot do what Envoy does, with why.
