@@ -114,3 +114,16 @@ def test_first_batch_waits_for_a_whole_config() -> None:
     keys = {k.decode() for k, _ in queue.batches[0][2]}
     assert any(k.startswith("/routes/") for k in keys)
     assert any(k.startswith("/upstreams/") for k in keys)
+
+
+def test_invalid_translate_and_xds_sections_name_the_field() -> None:
+    import pytest
+    from amesh_ext.config import ConfigError
+    from amesh_ext.sources import make_source
+
+    bad_translate = parse_start_config('{"translate": {"port_match": "x"}}')
+    with pytest.raises(ConfigError, match="'translate'.*port_match"):
+        Agent(bad_translate, MemoryQueue())
+    bad_xds = parse_start_config('{"source": "grpc://127.0.0.1:15010", "xds": {"protocl": 1}}')
+    with pytest.raises(ValueError, match="protocl"):
+        make_source(bad_xds.source, bad_xds.xds, Agent(bad_xds, MemoryQueue()), bad_xds.limit)
