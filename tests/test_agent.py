@@ -118,6 +118,7 @@ def test_first_batch_waits_for_a_whole_config() -> None:
 
 def test_invalid_translate_and_xds_sections_name_the_field() -> None:
     import pytest
+
     from amesh_ext.config import ConfigError
     from amesh_ext.sources import make_source
 
