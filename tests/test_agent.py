@@ -123,7 +123,7 @@ def test_invalid_translate_and_xds_sections_name_the_field() -> None:
     from amesh_ext.sources import make_source
 
     bad_translate = parse_start_config('{"translate": {"port_match": "x"}}')
-    with pytest.raises(ConfigError, match="'translate'.*port_match"):
+    with pytest.raises(ConfigError, match=r"'translate'.*port_match"):
         Agent(bad_translate, MemoryQueue())
     bad_xds = parse_start_config('{"source": "grpc://127.0.0.1:15010", "xds": {"protocl": 1}}')
     with pytest.raises(ValueError, match="protocl"):
