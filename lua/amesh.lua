@@ -111,7 +111,11 @@ local function fail_batch(dict, err, key)
         if old == false then
             dict:delete(k)
         else
-            dict:set(k, old)
+            -- safe_set: a plain set could evict unrelated keys from a full dict
+            local ok, rerr = dict:safe_set(k, old)
+            if not ok then
+                log_error("cannot restore ", k, " while rolling back: ", rerr)
+            end
         end
     end
     batch.failed = true
