@@ -305,6 +305,25 @@ def test_no_worker_runs_the_agent_when_the_host_has_a_privileged_agent(tmp_path,
     assert "agent started" not in n.log_text()
 
 
+def test_reload_with_the_control_plane_down_keeps_the_last_config(tmp_path, make_nginx) -> None:
+    """After a reload the new agent cannot reach its control plane: until a whole config
+    arrives it changes nothing, so the dict keeps serving what the last run wrote."""
+    mesh = _mesh(tmp_path)
+    n = make_nginx(config=_config(mesh), user=USER).start()
+    n.wait_for(lambda: _synced(n), what="first batch applied")
+    before, version = n.dump(), n.version()
+    n.write_conf({"source": "grpc://127.0.0.1:9", "xds": {
+        "backoff": {"max_seconds": 0.5},
+        "node": {"pod_name": "amesh-0", "namespace": "default", "ip": "127.0.0.1"}}})
+    n.reload()
+    n.wait_for(lambda: (a := _agent(n)) and a["source"].get("kind") == "ads"
+               and a["source"]["last_error"], what="new agent failing to connect")
+    time.sleep(1)
+    assert n.version() == version
+    assert {k: v for k, v in n.dump().items() if k.startswith("/")} == {
+        k: v for k, v in before.items() if k.startswith("/")}
+
+
 def test_invalid_start_config_is_reported_and_nginx_keeps_serving(make_nginx) -> None:
     n = make_nginx(config={"source": "http://nowhere", "bogus": 1}, user=USER).start()
     status = n.wait_for(lambda: n.status()["consumer"]["last_error"] and n.status(),
