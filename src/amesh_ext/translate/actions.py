@@ -92,13 +92,12 @@ def _timeout(action, retry, options: TranslateOptions) -> dict:
     timeout replaces the upstream's connect_timeout in APISIX."""
     total = seconds(action.timeout) if action.HasField("timeout") else (
         options.default_route_timeout)
-    limits = [total or options.infinite_timeout]
-    per_try = seconds(retry.per_try_timeout) if retry is not None else 0.0
-    if per_try > 0:
-        limits.append(per_try)
-    if action.HasField("idle_timeout") and (idle := seconds(action.idle_timeout)) > 0:
-        limits.append(idle)
-    rw = max(min(limits), _MIN_TIMEOUT)
+    rw = total or options.infinite_timeout
+    if retry is not None and 0 < (per_try := seconds(retry.per_try_timeout)) < rw:
+        rw = per_try
+    if action.HasField("idle_timeout") and 0 < (idle := seconds(action.idle_timeout)) < rw:
+        rw = idle
+    rw = max(rw, _MIN_TIMEOUT)
     return {"connect": max(min(options.route_connect_timeout, rw), _MIN_TIMEOUT),
             "send": rw, "read": rw}
 

@@ -10,7 +10,10 @@ _DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
 
 def seconds(d: Duration) -> float:
     """A Duration in seconds, exact to the microsecond (nanoseconds are rounded)."""
-    return round(d.seconds + d.nanos / 1e9, 6)
+    nanos = d.nanos
+    if not nanos:
+        return float(d.seconds)  # whole seconds (Istio's usual): nothing to round
+    return round(d.seconds + nanos / 1e9, 6)
 
 
 def fraction(percent) -> float:  # envoy.type.v3.FractionalPercent

@@ -23,6 +23,9 @@ from .regex import pcre_literal
 
 # APISIX host_def: `^\*$|^\*?[0-9a-zA-Z-._\[\]:]+$`
 _APISIX_HOST = re.compile(r"\*|\*?[0-9a-zA-Z\-._\[\]:]+")
+# A domain that is its own APISIX host (no wildcard, port, brackets or trailing dot): most
+# are, and they need none of host_selectors' other checks.
+_PLAIN_HOST = re.compile(r"[0-9a-z\-_.]*[0-9a-z\-_]")
 # A request host without a port (IPv6 literals end in ']').
 _NO_PORT = ["http_host", "!", "~~", r":[0-9]*\z"]
 
@@ -58,6 +61,19 @@ def _wild_regex(domain: str) -> str:
 def check_domains(route_config, where: str) -> None:
     """Envoy rejects a RouteConfiguration with a duplicate domain (compared lowercased, per
     kind: exact, `*X`, `X*`), a second `*`, or a virtual host without domains."""
+    lowered: list[str] = []
+    for vh in route_config.virtual_hosts:
+        domains = vh.domains
+        if not domains:
+            break
+        lowered += map(str.lower, domains)
+    else:
+        if len(set(lowered)) == len(lowered):
+            return  # the common case, decided without naming the culprits
+    _raise_bad_domains(route_config, where)
+
+
+def _raise_bad_domains(route_config, where: str) -> None:
     seen: dict[str, str] = {}
     for vh in route_config.virtual_hosts:
         if not vh.domains:
@@ -79,6 +95,10 @@ def host_selectors(vh, ignore_port: bool, skips: Skips) -> list[HostSelector]:
     any_host = False
     for raw in vh.domains:
         d = raw.lower()
+        if _PLAIN_HOST.fullmatch(d):
+            if d not in plain:
+                plain.append(d)
+            continue
         if d == "*":
             any_host = True
             continue

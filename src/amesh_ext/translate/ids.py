@@ -56,12 +56,15 @@ def compact(escaped: str, limit: int) -> str:
     return f"{head}_z{digest}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def upstream_id(cluster_name: str) -> str:
-    """The APISIX upstream id of an Envoy cluster."""
+    """The APISIX upstream id of an Envoy cluster (cached like escape())."""
     return compact(escape(cluster_name), MAX_ID)
 
 
+@functools.lru_cache(maxsize=1 << 10)
 def _scope(name: str) -> str:
+    """Cached: every route id of a route config (or listener) starts with it."""
     return compact(escape(name), _SCOPE_MAX) + _SEP
 
 

@@ -167,11 +167,12 @@ def _query(qm, res: MatchResult, where: str, skips: Skips) -> bool:
 
 def _path(match, res: MatchResult, where: str, skips: Skips) -> bool:
     kind = match.WhichOneof("path_specifier")
+    if kind == "prefix" and match.prefix in ("", "/"):
+        return True  # every path starts with "/"
     icase = match.HasField("case_sensitive") and not match.case_sensitive.value
     op = "~*" if icase else "~~"
     if kind == "prefix":
-        if match.prefix not in ("", "/"):  # every path starts with "/"
-            res.vars.append(["uri", op, "^" + pcre_literal(match.prefix)])
+        res.vars.append(["uri", op, "^" + pcre_literal(match.prefix)])
     elif kind == "path":
         if icase:
             res.vars.append(["uri", op, f"^{pcre_literal(match.path)}\\z"])
@@ -198,11 +199,14 @@ def translate_match(match, where: str, skips: Skips) -> MatchResult | None:
     res = MatchResult()
     if not _path(match, res, where, skips):
         return None
+    if len(match.ListFields()) == 1:
+        return res  # the path specifier alone (most routes): one call instead of seven
     if match.HasField("runtime_fraction"):
         skips.add("route_runtime_fraction",
                   "runtime_fraction ignored: the route always matches", where)
-    for name in ("dynamic_metadata", "filter_state"):
-        if len(getattr(match, name)):
+    for name, matchers in (("dynamic_metadata", match.dynamic_metadata),
+                           ("filter_state", match.filter_state)):
+        if matchers:
             skips.add(f"route_{name}", f"{name} matchers cannot be evaluated; route dropped",
                       where)
             return None

@@ -33,6 +33,8 @@ _COMMANDS = {
 
 def literal(text: str) -> str:
     """`text` as an APISIX template that expands to exactly `text`."""
+    if "$" not in text:
+        return text  # the common case, without the regex
     return _EXPANDED_DOLLAR.sub(lambda _: LITERAL_DOLLAR, text)
 
 

@@ -118,21 +118,27 @@ def _nodes(cluster, la, where: str, skips: Skips) -> tuple[list[dict], int | Non
     """Nodes of a load assignment (None: none), and the transport socket index they use."""
     if la is None:
         return [], None
-    locality_weighted = cluster.common_lb_config.HasField("locality_weighted_lb_config")
-    matches = [json_format.MessageToDict(t.match) for t in cluster.transport_socket_matches]
-    if len(la.named_endpoints):
+    # Cheap presence checks first: this runs for every endpoint update of every cluster.
+    locality_weighted = cluster.HasField("common_lb_config") and (
+        cluster.common_lb_config.HasField("locality_weighted_lb_config"))
+    tsm = cluster.transport_socket_matches
+    matches = [json_format.MessageToDict(t.match) for t in tsm] if tsm else []
+    if la.named_endpoints:
         skips.add("named_endpoints", "named endpoints (LEDS) are not supported", where)
-    # priority -> [(locality weight, [(host, port, weight)])], socket index per node
+    # priority -> [(locality weight, [(host, port, weight)])], socket index per node (only
+    # kept with transport_socket_matches: else every node uses the cluster's socket, -1)
     by_prio: dict[int, list] = {}
     socket_weight: dict[int, int] = {}
     node_socket: dict[tuple[str, int, int], int] = {}
     for loc in la.endpoints:
-        if len(loc.load_balancer_endpoints.lb_endpoints) or loc.HasField(
-                "leds_cluster_locality_config"):
+        if loc.WhichOneof("lb_config") is not None and (
+                loc.HasField("leds_cluster_locality_config")
+                or loc.load_balancer_endpoints.lb_endpoints):
             skips.add("locality_lb_config", "LEDS localities are not supported", where)
         lw = loc.load_balancing_weight.value if loc.HasField("load_balancing_weight") else 0
         if locality_weighted and lw == 0:
             continue  # Envoy sends no traffic to a locality without weight
+        prio = loc.priority
         eps: list[tuple[str, int, int]] = []
         for lb_ep in loc.lb_endpoints:
             if lb_ep.health_status in _SKIPPED_HEALTH:
@@ -142,12 +148,13 @@ def _nodes(cluster, la, where: str, skips: Skips) -> tuple[list[dict], int | Non
                           where)
                 continue
             address = lb_ep.endpoint.address
-            if address.WhichOneof("address") != "socket_address":
-                skips.add("endpoint_address", f"{address.WhichOneof('address')} addresses "
-                          "are not supported", where)
+            kind = address.WhichOneof("address")
+            if kind != "socket_address":
+                skips.add("endpoint_address", f"{kind} addresses are not supported", where)
                 continue
             sa = address.socket_address
-            if sa.WhichOneof("port_specifier") != "port_value" or not 0 < sa.port_value < 65536:
+            port = sa.port_value
+            if not 0 < port < 65536 or sa.WhichOneof("port_specifier") != "port_value":
                 skips.add("endpoint_address", f"endpoint {sa.address!r} has no usable port",
                           where)
                 continue
@@ -158,15 +165,19 @@ def _nodes(cluster, la, where: str, skips: Skips) -> tuple[list[dict], int | Non
                 "load_balancing_weight") else 1
             if w == 0:
                 raise InvalidResource(f"{where}: endpoint {sa.address!r} has weight 0")
-            sock = _socket_index(matches, lb_ep, loc)
+            sock = _socket_index(matches, lb_ep, loc) if matches else -1
             socket_weight[sock] = socket_weight.get(sock, 0) + w
-            node_socket[(host, sa.port_value, loc.priority)] = sock
-            eps.append((host, sa.port_value, w))
+            if matches:
+                node_socket[(host, port, prio)] = sock
+            eps.append((host, port, w))
         if eps:
-            by_prio.setdefault(loc.priority, []).append((lw, eps))
+            by_prio.setdefault(prio, []).append((lw, eps))
     if not socket_weight:
         return [], None
-    chosen = max(sorted(socket_weight), key=lambda s: socket_weight[s])
+    if len(socket_weight) == 1:
+        (chosen,) = socket_weight  # one socket for all (always without socket matches)
+    else:
+        chosen = max(sorted(socket_weight), key=lambda s: socket_weight[s])
     dropped = 0
     nodes: list[dict] = []
     for prio in sorted(by_prio):
@@ -177,7 +188,7 @@ def _nodes(cluster, la, where: str, skips: Skips) -> tuple[list[dict], int | Non
             flat = [ep for _, eps in group for ep in eps]
         merged: dict[tuple[str, int], int] = {}
         for host, port, w in flat:
-            if node_socket[(host, port, prio)] != chosen:
+            if matches and node_socket[(host, port, prio)] != chosen:
                 dropped += 1
                 continue
             merged[(host, port)] = merged.get((host, port), 0) + w
@@ -297,6 +308,8 @@ def _checks(od, where: str, skips: Skips) -> dict | None:
 
 
 def _circuit_breakers(cluster, where: str, skips: Skips) -> None:
+    if not cluster.HasField("circuit_breakers"):
+        return
     limited = []
     for th in cluster.circuit_breakers.thresholds:
         for field in ("max_connections", "max_pending_requests", "max_requests", "max_retries"):
