@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -54,6 +55,20 @@ void amesh_set_agent_status(const char *json, size_t len) {
     agent_status_len = len;
     pthread_mutex_unlock(&st_lock);
     free(old);
+}
+
+int amesh_spawn_detached(void *(*fn)(void *)) {
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &saved); /* the new thread inherits the full mask */
+    pthread_t tid;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&tid, &attr, fn, NULL);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    return rc;
 }
 
 AMESH_EXPORT const char *amesh_last_error(void) {

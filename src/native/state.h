@@ -15,6 +15,10 @@ void amesh_log_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)))
 
 void amesh_set_agent_status(const char *json, size_t len);
 
+/* A detached thread started with every signal blocked (it and its children never take
+ * nginx's signals). 0 on success. */
+int amesh_spawn_detached(void *(*fn)(void *));
+
 /* embed.c: the start config for initial(): amesh.json next to the library, else "{}". */
 const char *amesh_initial_config(void);
 

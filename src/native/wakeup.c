@@ -83,17 +83,7 @@ int amesh_wakeup_start(void) {
         sock_path[0] = '\0';
         return -1;
     }
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &saved);
-    pthread_t tid;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&tid, &attr, accept_main, NULL);
-    pthread_attr_destroy(&attr);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    if (rc != 0) {
+    if (amesh_spawn_detached(accept_main) != 0) {
         close(listen_fd);
         listen_fd = -1;
         unlink_socket();

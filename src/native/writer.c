@@ -317,17 +317,7 @@ int amesh_writer_start(void *config_zone, void *version_zone) {
     if (store(zone_cfg, "amesh:sentinel", 14, "1", 1, &why) != 0)
         amesh_log_error("cannot store the sentinel key: %s", why);
 
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &saved); /* the thread inherits a full mask */
-    pthread_t tid;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&tid, &attr, writer_main, NULL);
-    pthread_attr_destroy(&attr);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    if (rc != 0) {
+    if (amesh_spawn_detached(writer_main) != 0) {
         amesh_log_error("initial(): cannot start the writer thread");
         return AMESH_ERUNTIME;
     }
