@@ -15,7 +15,7 @@ DEFAULT_SOURCE = "grpc://istiod.istio-system.svc:15010"
 _TOP_LEVEL = {"source", "xds", "translate", "limits", "log_level"}
 _LIMITS = {
     "file_poll_interval": (float, 0.5),  # seconds between checks of a file:// source
-    "first_sync_quiet": (float, 0.2),  # first batch waits for this much source quiet…
+    "first_sync_quiet": (float, 0.02),  # first batch: a whole config, then this much quiet…
     "first_sync_max_wait": (float, 3.0),  # …but no longer than this after the first data
     "status_interval": (float, 0.25),  # seconds between status publications
     "resync_backoff_max": (float, 30.0),  # retry of a batch the dict refused
