@@ -22,7 +22,7 @@ def start(config_json: str, mode: str, built_version: str, built_home: str) -> N
     config = parse_start_config(config_json)
 
     def run() -> None:
-        from .agent import run_embedded
+        from .runtime import run_embedded
 
         run_embedded(config, mode)
 

@@ -154,9 +154,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from .agent import run_agent
     from .config import parse_start_config
     from .native import MemoryQueue
+    from .runtime import run_agent
 
     config = parse_start_config(json.dumps({"source": args.source}))
     queue = MemoryQueue()
