@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from benchlib import rss_mb, write_results  # noqa: E402
 from synthetic_mesh import (  # noqa: E402
     cluster,
     cluster_name,
@@ -104,11 +104,10 @@ def run(n: int) -> dict:
         agent.apply(ROUTES, [rds], [])
         adds.append((time.perf_counter() - t) * 1e3)
     adds.sort()
-    rss = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
     return {"services": n, "objects": agent.status()["objects"], "full_apply_s": round(full_s, 3),
             "eds_change_p50_ms": round(times[100], 3), "eds_change_p99_ms": round(times[197], 3),
             "service_add_p50_ms": round(adds[10], 1), "service_add_max_ms": round(adds[-1], 1),
-            "rss_mb": rss}
+            "rss_mb": rss_mb()}
 
 
 def main() -> int:
@@ -128,8 +127,7 @@ def main() -> int:
     print("  ".join(f"{c:>18}" for c in cols))
     for row in rows:
         print("  ".join(f"{row[c]!s:>18}" for c in cols))
-    Path(args.out).write_text(json.dumps({"machine": os.uname().nodename, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, rows)
     return 0
 
 

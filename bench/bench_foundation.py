@@ -10,10 +10,8 @@ Prints a table and writes bench/results/foundation.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
+from benchlib import rss_mb, work_dir, write_results  # noqa: E402
 from synthetic_mesh import write_mesh  # noqa: E402
 
 from nginx import LIBRARY, Nginx  # noqa: E402
@@ -40,13 +39,6 @@ POLL_BENCH = """
             }
         }
 """.replace("%s", str(LIBRARY))
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def run_size(n_services: int, work: Path) -> dict:
@@ -75,8 +67,8 @@ def run_size(n_services: int, work: Path) -> dict:
             "agent_start_us": round(consumer["start_us"]),
             "agent_start_to_first_batch_s": round(agent["first_batch_at"] - agent["started_at"], 3),
             "nginx_start_to_applied_s": round(consumer["last_commit_at"] - t0, 3),
-            "agent_worker_rss_mb": round(rss_kb(agent_pid) / 1024, 1),
-            "plain_worker_rss_mb": round(rss_kb(others[0]) / 1024, 1) if others else None,
+            "agent_worker_rss_mb": rss_mb(agent_pid),
+            "plain_worker_rss_mb": rss_mb(others[0]) if others else None,
             "empty_poll_ns": round(float(poll_ns), 2),
             "empty_poll_returned": int(got),
         }
@@ -89,17 +81,14 @@ def main() -> int:
     parser.add_argument("--sizes", default="500,5000,10000")
     parser.add_argument("--out", default=str(HERE / "results" / "foundation.json"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="amesh-bench-"))
-    os.chmod(work, 0o755)
+    work = work_dir("amesh-bench-")
     rows = [run_size(int(s), work) for s in args.sizes.split(",")]
     cols = list(rows[0])
     print("  ".join(f"{c:>22}" for c in cols))
     for row in rows:
         print("  ".join(f"{row[c]!s:>22}" for c in cols))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": os.uname().nodename, "when": time.time(),
-                                          "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, rows)
     return 0
 
 

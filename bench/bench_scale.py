@@ -14,10 +14,8 @@ Prints a table with ratios and writes bench/results/scale.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
+from benchlib import rss_mb, work_dir, write_results  # noqa: E402
 from synthetic_mesh import (  # noqa: E402
     T,
     cluster,
@@ -40,13 +39,6 @@ from peers.envoy import EnvoyPeer  # noqa: E402
 from xds_server import CLUSTER, ENDPOINTS, LISTENER, ROUTES, XdsTestServer  # noqa: E402
 
 NODE = {"pod_name": "amesh-0", "namespace": "ns", "ip": "127.0.0.1"}
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def serve(n: int) -> XdsTestServer:
@@ -116,8 +108,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="amesh-scale-"))
-    os.chmod(work, 0o755)
+    work = work_dir("amesh-scale-")
     rows = []
     print(f"{'services':>9} {'client':>7} {'RDS ACK s':>10} {'in dict s':>10} {'RSS MB':>8}")
     for size in (int(s) for s in args.sizes.split(",")):
@@ -129,9 +120,7 @@ def main() -> int:
         print(f"{'':>9} {'ratio':>7} {amesh['apply_s'] / envoy['apply_s']:>10.2f} "
               f"{'':>10} {amesh['rss_mb'] / envoy['rss_mb']:>8.2f}")
         rows += pair
-    Path(args.out).write_text(json.dumps({"machine": os.uname().nodename, "rows": rows},
-                                         indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, rows)
     return 0
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+
+from benchlib import work_dir  # noqa: E402
 
 from amesh_e2e import (  # noqa: E402
     NGINX_USER,
@@ -301,8 +302,7 @@ def main() -> int:
     if not set(protocols) <= set(ENVOY_ADS):
         parser.error(f"--protocols: from {sorted(ENVOY_ADS)}")
 
-    work = Path(tempfile.mkdtemp(prefix="amesh-bench-xds-"))
-    os.chmod(work, 0o755)  # nginx's nobody worker traverses it
+    work = work_dir("amesh-bench-xds-")
     results, samples = {}, {}
     try:
         for protocol in protocols:

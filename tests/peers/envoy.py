@@ -22,7 +22,6 @@ from .istiod import (
     LoggedProcess,
     PeerError,
     die_with_parent,
-    kill_process_group,
     wait_for,
 )
 
@@ -250,13 +249,6 @@ class EnvoyPeer(LoggedProcess):
             )
         text = self.admin_path.read_text().strip() if self.admin_path.is_file() else ""
         return text or None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None:
-            kill_process_group(self.proc, timeout)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
 
     # -- admin

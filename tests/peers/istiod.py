@@ -329,9 +329,15 @@ class LoggedProcess:
     """A peer process with a log file: context manager and log tail, shared by the peers."""
 
     log_path: Path
+    proc: subprocess.Popen | None
+    _log_file: Any
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None:
+            kill_process_group(self.proc, timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     def __enter__(self):  # the subclass itself
         return self
@@ -482,13 +488,6 @@ class Istiod(LoggedProcess):
             wait_for(ready, timeout, "istiod /ready", interval=0.2)
         except TimeoutError as exc:
             raise PeerError(f"{exc}; log tail:\n{self.log_tail()}") from None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None:
-            kill_process_group(self.proc, timeout)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
     def restart(self, timeout: float = 120.0) -> Istiod:
         """Stop and start again on the same ports and config dir (clients must reconnect)."""
