@@ -39,6 +39,19 @@ extern "C" {
 /* Batch flags (on BEGIN and COMMIT). */
 #define AMESH_BATCH_FULL 0x1 /* the batch holds every key the agent owns: delete all others */
 
+/* The dict protocol (docs/dict-protocol.md): keys amesh keeps beside the data keys
+ * ("/<type>/<id>") of the data dict. Python (amesh_ext/protocol.py) and Lua
+ * (lua/amesh/abi.lua) carry the same values; tests/test_abi.py checks they agree. */
+#define AMESH_KEY_SENTINEL "amesh:sentinel"  /* the data dict is never empty */
+#define AMESH_KEY_INDEX_PREFIX "amesh:index:" /* + 2 digits: crc32(key) % AMESH_INDEX_BUCKETS */
+#define AMESH_INDEX_BUCKETS 64                /* an index bucket lists its keys, one a line */
+#define AMESH_KEY_LOG_HEAD "amesh:log:head"   /* "<run>:<seq>" of the newest change-log entry */
+#define AMESH_KEY_LOG_PREFIX "amesh:log:"     /* + 3 digits: slot seq % AMESH_LOG_SLOTS */
+#define AMESH_LOG_SLOTS 256
+/* In the version dict: */
+#define AMESH_KEY_VERSION "version"           /* what stock APISIX's config_xds watches */
+#define AMESH_KEY_STATUS "amesh:status"       /* the agent's status (never evicts "version") */
+
 typedef struct amesh_change_s {
     int op;
     uint32_t flags;
@@ -48,6 +61,11 @@ typedef struct amesh_change_s {
     const char *value; /* JSON text for SET; NULL otherwise */
     size_t value_len;
 } amesh_change_t;
+
+/* The data dict's capacity in bytes (lua-resty-core's shdict:capacity()), told by the
+ * consumer before amesh_start(); the initial() writer reads it from its zone. The agent
+ * rejects, alone, an object too large to ever fit (limits.max_object_bytes). */
+void amesh_dict_capacity(size_t capacity_bytes);
 
 /* Start the agent once per process. config_json: see README ("Start config").
  * Returns AMESH_OK at once (the agent connects in the background) or an error code;
