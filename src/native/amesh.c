@@ -23,6 +23,7 @@ static char *agent_status; /* JSON published by the agent */
 static size_t agent_status_len;
 static atomic_int started_mode;
 static atomic_ullong changes_polled;
+static atomic_size_t dict_capacity; /* bytes, 0 = unknown */
 static amesh_msg_t *handed; /* messages whose pointers the last amesh_poll() gave out */
 
 void amesh_set_error(const char *fmt, ...) {
@@ -76,27 +77,29 @@ AMESH_EXPORT const char *amesh_last_error(void) {
     return last_error;
 }
 
-/* nginx's process type (ngx_process): the agent runs in a worker or OpenResty's
- * privileged agent, never in the master, whose fork would copy Python and grpc threads. */
+/* nginx's process type (ngx_process, an ngx_uint_t): the agent runs in a worker or
+ * OpenResty's privileged agent, never in the master, whose fork would copy Python and grpc
+ * threads. */
 #define NGX_PROCESS_WORKER 3
 #define NGX_PROCESS_HELPER 4
 
-static int in_nginx_master(int *type) {
-    const int *ngx_process = dlsym(RTLD_DEFAULT, "ngx_process");
+static int in_nginx_master(unsigned long *type) {
+    const volatile uintptr_t *ngx_process = dlsym(RTLD_DEFAULT, "ngx_process");
     if (ngx_process == NULL) return 0; /* not inside nginx (tests, tools) */
-    *type = *ngx_process;
+    *type = (unsigned long)*ngx_process;
     return *type != NGX_PROCESS_WORKER && *type != NGX_PROCESS_HELPER;
 }
 
 static int start_mode(const char *config_json, int mode) {
-    int expected = AMESH_MODE_NONE, type = -1;
+    int expected = AMESH_MODE_NONE;
+    unsigned long type = 0;
     if (config_json == NULL) {
         amesh_set_error("start config is NULL");
         return AMESH_EINVAL;
     }
     if (in_nginx_master(&type)) {
         amesh_set_error("the agent must start in init_worker (a worker or the privileged "
-                        "agent), not in nginx's master or init phase (ngx_process=%d)", type);
+                        "agent), not in nginx's master or init phase (ngx_process=%lu)", type);
         return AMESH_EINVAL;
     }
     if (!atomic_compare_exchange_strong(&started_mode, &expected, mode)) {
@@ -170,15 +173,33 @@ AMESH_EXPORT int amesh_stop(int timeout_ms) {
     return amesh_writer_fence(timeout_ms);
 }
 
+AMESH_EXPORT void amesh_dict_capacity(size_t capacity_bytes) {
+    atomic_store(&dict_capacity, capacity_bytes);
+}
+
+size_t amesh_dict_capacity_get(void) { return atomic_load(&dict_capacity); }
+
 AMESH_EXPORT void initial(void *config_zone, void *version_zone) {
     if (config_zone == NULL || version_zone == NULL) {
         amesh_log_error("initial(): a shared dict zone is NULL (declare lua_shared_dict "
                         "xds-config and xds-config-version)");
         return;
     }
-    if (amesh_writer_start(config_zone, version_zone) != AMESH_OK) return;
+    /* The zones first (the capacity the agent sizes objects by, a version workers can wait
+     * for), then the agent; the writer thread only once this call owns the agent: on
+     * EALREADY another consumer drains the queue, and two would split its batches. */
+    if (amesh_writer_prepare(config_zone, version_zone) != AMESH_OK) return;
     const char *cfg = amesh_initial_config();
     if (cfg == NULL) return; /* already logged */
-    if (start_mode(cfg, AMESH_MODE_INITIAL) != AMESH_OK)
+    int rc = start_mode(cfg, AMESH_MODE_INITIAL);
+    if (rc == AMESH_EALREADY) {
+        amesh_log_error("initial(): the agent already runs in this process (require(\"amesh\")?); "
+                        "no writer started");
+        return;
+    }
+    if (rc != AMESH_OK) {
         amesh_log_error("initial(): agent not started: %s", last_error);
+        return;
+    }
+    if (amesh_writer_run() != AMESH_OK) amesh_queue_close(); /* no consumer: refuse batches */
 }

@@ -33,8 +33,14 @@ void amesh_wakeup_notify(void);
 /* writer.c: nginx is shutting down (its quit/terminate/exiting flags); 0 outside nginx. */
 int amesh_nginx_exiting(void);
 
-/* writer.c */
-int amesh_writer_start(void *config_zone, void *version_zone);
+/* amesh.c: what amesh_dict_capacity() was told (0 = unknown). */
+size_t amesh_dict_capacity_get(void);
+
+/* writer.c: initial()'s zone writer. prepare resolves the shdict functions, tells the
+ * capacity and stores a version if none exists and the sentinel (nginx's thread, before the
+ * agent starts); run starts the writer thread and the exit fence. */
+int amesh_writer_prepare(void *config_zone, void *version_zone);
+int amesh_writer_run(void);
 int amesh_writer_fence(int timeout_ms);
 void amesh_writer_status(char *buf, size_t len);
 

@@ -1,8 +1,12 @@
 /* initial() mode: the library's own writer thread stores batches into APISIX's zones with
- * lua-nginx-module's FFI shdict functions (resolved at run time). Per batch: safe stores
- * (no eviction) with every return code checked, deletes after the data, one version bump
- * only when something changed; a failed store rolls the batch back and is reported. An exit
- * fence (stop flag + in-flight counter) keeps writes away from a worker that is exiting. */
+ * lua-nginx-module's FFI shdict functions (resolved at run time), following the dict
+ * protocol (docs/dict-protocol.md): safe stores (no eviction) with every return code
+ * checked, an undo entry per changed key, deletes after the data, one version bump per
+ * batch that changed something; a failed store or read rolls the batch back and reports it.
+ * FULL batches reconcile through the key index: each index SET is stored as the union of
+ * the old and new lists, the keys only the old index names are deleted at COMMIT, then the
+ * new lists replace the unions. An exit fence (stop flag + in-flight counter, run from a
+ * cleanup of nginx's cycle pool) keeps writes away from a worker that is exiting. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -22,7 +26,8 @@
 #define OP_SAFE 0x4
 #define T_NIL 0
 #define T_STRING 4
-#define INDEX_BUCKETS 64 /* must match amesh_ext.sink.INDEX_BUCKETS */
+#define STATUS_EVERY_US 250000 /* how often the writer publishes amesh_status() */
+#define FENCE_WAIT_MS 200      /* the exit fence's bound on writes in flight */
 
 typedef int (*store_fn)(void *zone, int op, const unsigned char *key, size_t key_len,
                         int value_type, const unsigned char *str, size_t str_len, double num,
@@ -30,13 +35,19 @@ typedef int (*store_fn)(void *zone, int op, const unsigned char *key, size_t key
 typedef int (*get_fn)(void *zone, const unsigned char *key, size_t key_len, int *value_type,
                       unsigned char **buf, size_t *len, double *num, int *user_flags,
                       int get_stale, int *is_stale, char **errmsg);
+typedef size_t (*capacity_fn)(void *zone);
 
 static store_fn shd_store;
 static get_fn shd_get;
 static void *zone_cfg, *zone_ver;
-static volatile sig_atomic_t *ngx_quit_p, *ngx_terminate_p, *ngx_exiting_p;
+/* nginx's flags, with nginx's types: ngx_quit/ngx_terminate are sig_atomic_t, ngx_exiting
+ * an ngx_uint_t (pointer-sized). */
+static volatile sig_atomic_t *ngx_quit_p, *ngx_terminate_p;
+static volatile uintptr_t *ngx_exiting_p;
 static atomic_int stopping, in_flight, running;
 static atomic_ullong batches_applied, batches_failed, stores;
+static const char *fence_kind = "none";
+static pthread_mutex_t version_lock = PTHREAD_MUTEX_INITIALIZER; /* version_text vs status */
 static char version_text[32];
 
 int amesh_nginx_exiting(void) {
@@ -53,7 +64,8 @@ int amesh_nginx_exiting(void) {
 
 static int nginx_exiting(void) { return atomic_load(&stopping) || amesh_nginx_exiting(); }
 
-/* Every touch of the zones goes through enter/leave so the exit fence can wait for it. */
+/* Every touch of the zones goes through enter/leave so the exit fence can wait for it
+ * (the fence sets `stopping` then reads `in_flight`; enter does the reverse). */
 static int enter(void) {
     atomic_fetch_add(&in_flight, 1);
     if (nginx_exiting()) {
@@ -64,27 +76,45 @@ static int enter(void) {
 }
 static void leave(void) { atomic_fetch_sub(&in_flight, 1); }
 
-/* A copy of the current string value (NULL if absent); *found tells absent from error. */
-static char *get_copy(void *zone, const char *key, size_t key_len, size_t *out_len) {
+/* The value of key as a malloc'd NUL-terminated copy: 1 found, 0 absent, -1 error (*why).
+ * An error is never "absent": taking it so would lose an undo entry or an index list. */
+static int get_value(void *zone, const char *key, size_t key_len, char **out, size_t *out_len,
+                     const char **why) {
     char small[256];
     unsigned char *buf = (unsigned char *)small;
     size_t len = sizeof(small);
     int type = T_NIL, flags = 0, stale = 0;
     double num = 0;
     char *err = NULL;
+    *out = NULL;
+    *out_len = 0;
     int rc = shd_get(zone, (const unsigned char *)key, key_len, &type, &buf, &len, &num, &flags,
                      0, &stale, &err);
-    char *copy = NULL;
-    if (rc == 0 && type == T_STRING) {
-        copy = malloc(len + 1);
-        if (copy) {
-            memcpy(copy, buf, len);
-            copy[len] = '\0';
-            *out_len = len;
-        }
+    if (rc != 0) {
+        *why = err ? err : "shdict get failed (no memory)";
+        return -1;
     }
-    if (buf != (unsigned char *)small) free(buf); /* the module malloc()s large values */
-    return copy;
+    if (type == T_NIL) return 0;
+    if (type != T_STRING) {
+        *why = "not a string value";
+        return -1;
+    }
+    char *copy;
+    if (buf != (unsigned char *)small) { /* the module malloc()ed a buffer for a large value */
+        copy = realloc(buf, len + 1);
+        if (copy == NULL) free(buf);
+    } else {
+        copy = malloc(len + 1);
+        if (copy) memcpy(copy, small, len);
+    }
+    if (copy == NULL) {
+        *why = "no memory";
+        return -1;
+    }
+    copy[len] = '\0';
+    *out = copy;
+    *out_len = len;
+    return 1;
 }
 
 static int store(void *zone, const char *key, size_t key_len, const char *val, size_t val_len,
@@ -102,36 +132,7 @@ static int store(void *zone, const char *key, size_t key_len, const char *val, s
     return 0;
 }
 
-typedef struct {
-    char *key;
-    size_t key_len;
-    char *old; /* previous value, NULL if the key was absent */
-    size_t old_len;
-} undo_t;
-
-typedef struct {
-    uint64_t id;
-    uint32_t flags;
-    int failed, changed;
-    undo_t *undo;
-    size_t n_undo, cap_undo;
-    char **set_keys; /* FULL batches: keys this batch holds */
-    size_t n_set, cap_set;
-    char *old_index; /* FULL batches: keys the previous index listed */
-    size_t old_len;
-} batch_t;
-
-static void batch_reset(batch_t *b) {
-    for (size_t i = 0; i < b->n_undo; i++) {
-        free(b->undo[i].key);
-        free(b->undo[i].old);
-    }
-    for (size_t i = 0; i < b->n_set; i++) free(b->set_keys[i]);
-    free(b->old_index);
-    b->old_index = NULL;
-    b->n_undo = b->n_set = b->old_len = 0;
-    b->failed = b->changed = 0;
-}
+/* -- small growable arrays -------------------------------------------------------------- */
 
 static int grow(void **arr, size_t *cap, size_t n, size_t size) {
     if (n < *cap) return 0;
@@ -143,131 +144,390 @@ static int grow(void **arr, size_t *cap, size_t n, size_t size) {
     return 0;
 }
 
-static void rollback(batch_t *b) {
-    const char *why;
-    for (size_t i = b->n_undo; i-- > 0;) {
-        undo_t *u = &b->undo[i];
-        if (enter()) {
-            store(zone_cfg, u->key, u->key_len, u->old, u->old_len, &why);
-            leave();
-        }
-    }
-}
+typedef struct {
+    char **v;
+    size_t n, cap;
+} strvec_t;
 
-/* Apply one SET (value) or DELETE (value NULL), remembering the old value for rollback. */
-static void apply_change(batch_t *b, const amesh_change_t *c) {
-    if (b->failed) return;
-    if ((b->flags & AMESH_BATCH_FULL) && c->value) {
-        if (grow((void **)&b->set_keys, &b->cap_set, b->n_set, sizeof(char *)) == 0)
-            b->set_keys[b->n_set++] = strndup(c->key, c->key_len);
-    }
-    if (!enter()) {
-        b->failed = 1;
-        return;
-    }
-    size_t old_len = 0;
-    char *old = get_copy(zone_cfg, c->key, c->key_len, &old_len);
-    if ((old == NULL && c->value == NULL) ||
-        (old && c->value && old_len == c->value_len && memcmp(old, c->value, old_len) == 0)) {
-        free(old); /* unchanged: no store, no version bump */
-        leave();
-        return;
-    }
-    const char *why = NULL;
-    int rc = store(zone_cfg, c->key, c->key_len, c->value, c->value_len, &why);
-    leave();
-    if (rc != 0 || grow((void **)&b->undo, &b->cap_undo, b->n_undo, sizeof(undo_t)) != 0) {
-        free(old);
-        b->failed = 1;
-        amesh_log_error("store of %.*s failed: %s; batch %llu rolled back, version kept",
-                        (int)c->key_len, c->key, why ? why : "no memory",
-                        (unsigned long long)b->id);
-        rollback(b);
-        amesh_reports_put(b->id, -1, why ? why : "no memory");
-        return;
-    }
-    b->undo[b->n_undo++] = (undo_t){strndup(c->key, c->key_len), c->key_len, old, old_len};
-    b->changed = 1;
+static int strvec_push(strvec_t *s, char *str) {
+    if (grow((void **)&s->v, &s->cap, s->n, sizeof(char *)) != 0) return -1;
+    s->v[s->n++] = str;
+    return 0;
 }
 
 static int cmp_str(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* FULL batch, at BEGIN: the keys an earlier run listed in its index (before this batch
- * rewrites the index), as one buffer of NUL-separated keys. */
-static void read_old_index(batch_t *b) {
-    for (int i = 0; i < INDEX_BUCKETS; i++) {
-        char ikey[32];
-        size_t len = 0;
-        int n = snprintf(ikey, sizeof(ikey), "amesh:index:%02d", i);
-        if (!enter()) return;
-        char *list = get_copy(zone_cfg, ikey, (size_t)n, &len);
+static int strvec_has(const strvec_t *s, const char *str) {
+    return s->n && bsearch(&str, s->v, s->n, sizeof(char *), cmp_str) != NULL;
+}
+
+/* The non-empty lines of text (len bytes) as a sorted vector pointing into *copy, a
+ * scratch copy the caller frees with the vector. -1 on out of memory. */
+static int split_lines(const char *text, size_t len, char **copy, strvec_t *lines) {
+    *copy = malloc(len + 1);
+    if (*copy == NULL) return -1;
+    memcpy(*copy, text, len);
+    (*copy)[len] = '\0';
+    for (char *line = *copy, *nl; line; line = nl ? nl + 1 : NULL) {
+        nl = strchr(line, '\n');
+        if (nl) *nl = '\0';
+        if (*line && strvec_push(lines, line) != 0) return -1;
+    }
+    qsort(lines->v, lines->n, sizeof(char *), cmp_str);
+    return 0;
+}
+
+static void free_lines(char *copy, strvec_t *lines) {
+    free(copy);
+    free(lines->v);
+    *lines = (strvec_t){0};
+}
+
+/* -- batches ---------------------------------------------------------------------------- */
+
+typedef struct {
+    char *key;
+    size_t key_len;
+    char *old; /* previous value, NULL if the key was absent */
+    size_t old_len;
+} undo_t;
+
+typedef struct {
+    char *old; /* FULL: the bucket's lines when the batch began (NULL: none) */
+    size_t old_len;
+    char *fresh; /* FULL: the bucket's lines as the batch sets them (NULL: not set) */
+    size_t fresh_len;
+} bucket_t;
+
+typedef struct {
+    uint64_t id;
+    uint32_t flags;
+    int failed, changed;
+    undo_t *undo;
+    size_t n_undo, cap_undo;
+    strvec_t set_keys; /* FULL: the data keys this batch sets, sorted at COMMIT */
+    bucket_t buckets[AMESH_INDEX_BUCKETS];
+} batch_t;
+
+static void batch_reset(batch_t *b) {
+    for (size_t i = 0; i < b->n_undo; i++) {
+        free(b->undo[i].key);
+        free(b->undo[i].old);
+    }
+    for (size_t i = 0; i < b->set_keys.n; i++) free(b->set_keys.v[i]);
+    b->set_keys.n = 0;
+    for (int i = 0; i < AMESH_INDEX_BUCKETS; i++) {
+        free(b->buckets[i].old);
+        free(b->buckets[i].fresh);
+        b->buckets[i] = (bucket_t){0};
+    }
+    b->n_undo = 0;
+    b->failed = b->changed = 0;
+}
+
+static int is_full(const batch_t *b) { return (b->flags & AMESH_BATCH_FULL) != 0; }
+
+static void rollback(batch_t *b) {
+    const char *why;
+    for (size_t i = b->n_undo; i-- > 0;) {
+        undo_t *u = &b->undo[i];
+        if (!enter()) return; /* exiting: the next agent's FULL batch converges the prefix */
+        if (store(zone_cfg, u->key, u->key_len, u->old, u->old_len, &why) != 0)
+            amesh_log_error("rollback of %.*s in batch %llu failed: %s", (int)u->key_len,
+                            u->key, (unsigned long long)b->id, why);
         leave();
-        if (list == NULL) continue;
-        char *grown = realloc(b->old_index, b->old_len + len + 1);
-        if (grown) {
-            b->old_index = grown;
-            memcpy(b->old_index + b->old_len, list, len);
-            b->old_len += len;
-            b->old_index[b->old_len++] = '\n';
-        }
-        free(list);
     }
 }
 
-/* FULL batch, at COMMIT: delete the old keys this batch does not hold. */
+/* Refuse the batch: undo what it changed, keep the version, report why (naming the key). */
+static int fail(batch_t *b, const char *what, const char *key, size_t key_len, const char *why) {
+    char msg[512];
+    snprintf(msg, sizeof(msg), "%s of %.*s failed: %s", what, (int)key_len, key, why);
+    b->failed = 1;
+    amesh_log_error("%s; batch %llu rolled back, version kept", msg, (unsigned long long)b->id);
+    rollback(b);
+    atomic_fetch_add(&batches_failed, 1);
+    amesh_reports_put(b->id, -1, msg);
+    return -1;
+}
+
+/* Store val (NULL: delete) under key unless it already holds it, with an undo entry.
+ * 0 done, -1 the batch failed (or the fence closed: then nothing is reported, the worker
+ * is exiting and the next agent's FULL batch converges what is left). */
+static int change(batch_t *b, const char *key, size_t key_len, const char *val, size_t val_len) {
+    if (b->failed) return -1;
+    if (!enter()) {
+        b->failed = 1;
+        return -1;
+    }
+    char *old;
+    size_t old_len;
+    const char *why = "no memory";
+    int found = get_value(zone_cfg, key, key_len, &old, &old_len, &why);
+    if (found < 0) {
+        leave();
+        return fail(b, "read", key, key_len, why);
+    }
+    if ((!found && val == NULL) ||
+        (found && val && old_len == val_len && memcmp(old, val, old_len) == 0)) {
+        free(old); /* unchanged: no store, no version bump */
+        leave();
+        return 0;
+    }
+    /* The undo entry exists before the store: a store that lands always has one. */
+    char *key_copy = strndup(key, key_len);
+    if (key_copy == NULL || grow((void **)&b->undo, &b->cap_undo, b->n_undo, sizeof(undo_t))) {
+        leave();
+        free(key_copy);
+        free(old);
+        return fail(b, "store", key, key_len, "no memory");
+    }
+    int rc = store(zone_cfg, key, key_len, val, val_len, &why);
+    leave();
+    if (rc != 0) {
+        free(key_copy);
+        free(old);
+        return fail(b, "store", key, key_len, why);
+    }
+    b->undo[b->n_undo++] = (undo_t){key_copy, key_len, found ? old : NULL, old_len};
+    b->changed = 1;
+    return 0;
+}
+
+/* The bucket number of an index key ("amesh:index:NN"), or -1 for any other key. */
+static int index_bucket(const char *key, size_t key_len) {
+    size_t plen = sizeof(AMESH_KEY_INDEX_PREFIX) - 1;
+    if (key_len != plen + 2 || memcmp(key, AMESH_KEY_INDEX_PREFIX, plen) != 0) return -1;
+    char hi = key[plen], lo = key[plen + 1];
+    if (hi < '0' || hi > '9' || lo < '0' || lo > '9') return -1;
+    int n = (hi - '0') * 10 + (lo - '0');
+    return n < AMESH_INDEX_BUCKETS ? n : -1;
+}
+
+static int index_key(int bucket, char *out, size_t len) {
+    return snprintf(out, len, "%s%02d", AMESH_KEY_INDEX_PREFIX, bucket);
+}
+
+/* FULL, at BEGIN: every bucket's old lines, before this batch rewrites the index. */
+static void read_old_index(batch_t *b) {
+    for (int i = 0; i < AMESH_INDEX_BUCKETS && !b->failed; i++) {
+        char ikey[32];
+        int n = index_key(i, ikey, sizeof(ikey));
+        const char *why = "no memory";
+        if (!enter()) {
+            b->failed = 1;
+            return;
+        }
+        bucket_t *bk = &b->buckets[i];
+        int found = get_value(zone_cfg, ikey, (size_t)n, &bk->old, &bk->old_len, &why);
+        leave();
+        if (found < 0) fail(b, "read", ikey, (size_t)n, why);
+    }
+}
+
+/* fresh's lines, then the old lines it lacks: the index lists old and new keys while both
+ * may exist. NULL on out of memory. */
+static char *union_lines(const bucket_t *bk, size_t *out_len) {
+    char *copy = NULL, *old_copy = NULL;
+    strvec_t fresh = {0}, old = {0};
+    char *out = malloc(bk->fresh_len + bk->old_len + 2);
+    if (out == NULL || split_lines(bk->fresh, bk->fresh_len, &copy, &fresh) != 0 ||
+        split_lines(bk->old, bk->old_len, &old_copy, &old) != 0) {
+        free(out);
+        out = NULL;
+    } else {
+        size_t n = bk->fresh_len;
+        memcpy(out, bk->fresh, n);
+        for (size_t i = 0; i < old.n; i++) {
+            if (strvec_has(&fresh, old.v[i])) continue;
+            if (n) out[n++] = '\n';
+            size_t l = strlen(old.v[i]);
+            memcpy(out + n, old.v[i], l);
+            n += l;
+        }
+        *out_len = n;
+    }
+    free_lines(copy, &fresh);
+    free_lines(old_copy, &old);
+    return out;
+}
+
+/* FULL: an index SET is remembered as the bucket's new list and stored as old ∪ new. */
+static void set_index_bucket(batch_t *b, const amesh_change_t *c, int bucket) {
+    bucket_t *bk = &b->buckets[bucket];
+    free(bk->fresh);
+    bk->fresh = malloc(c->value_len + 1);
+    if (bk->fresh == NULL) {
+        fail(b, "store", c->key, c->key_len, "no memory");
+        return;
+    }
+    memcpy(bk->fresh, c->value, c->value_len);
+    bk->fresh[c->value_len] = '\0';
+    bk->fresh_len = c->value_len;
+    if (bk->old == NULL) {
+        change(b, c->key, c->key_len, c->value, c->value_len);
+        return;
+    }
+    size_t len = 0;
+    char *both = union_lines(bk, &len);
+    if (both == NULL) {
+        fail(b, "store", c->key, c->key_len, "no memory");
+        return;
+    }
+    change(b, c->key, c->key_len, both, len);
+    free(both);
+}
+
+static void apply(batch_t *b, const amesh_change_t *c) {
+    if (b->failed) return;
+    if (is_full(b) && c->value) {
+        int bucket = index_bucket(c->key, c->key_len);
+        if (bucket >= 0) {
+            set_index_bucket(b, c, bucket);
+            return;
+        }
+        if (c->key_len && c->key[0] == '/') {
+            char *key = strndup(c->key, c->key_len);
+            if (key == NULL || strvec_push(&b->set_keys, key) != 0) {
+                free(key);
+                fail(b, "store", c->key, c->key_len, "no memory");
+                return;
+            }
+        }
+    }
+    change(b, c->key, c->key_len, c->value, c->value_len);
+}
+
+/* FULL, at COMMIT: delete the data keys only the old index lists. */
 static void delete_stale(batch_t *b) {
-    qsort(b->set_keys, b->n_set, sizeof(char *), cmp_str);
-    char *end = b->old_index + b->old_len;
-    for (char *line = b->old_index; line && line < end && !b->failed;) {
-        char *nl = memchr(line, '\n', (size_t)(end - line));
-        if (nl == NULL) break;
-        *nl = '\0';
-        if (*line && !bsearch(&line, b->set_keys, b->n_set, sizeof(char *), cmp_str)) {
-            amesh_change_t del = {AMESH_OP_DELETE, 0, b->id, line, strlen(line), NULL, 0};
-            apply_change(b, &del);
+    qsort(b->set_keys.v, b->set_keys.n, sizeof(char *), cmp_str);
+    for (int i = 0; i < AMESH_INDEX_BUCKETS && !b->failed; i++) {
+        bucket_t *bk = &b->buckets[i];
+        if (bk->old == NULL) continue;
+        char *copy = NULL;
+        strvec_t old = {0};
+        if (split_lines(bk->old, bk->old_len, &copy, &old) != 0) {
+            char ikey[32];
+            size_t klen = (size_t)index_key(i, ikey, sizeof(ikey));
+            fail(b, "read", ikey, klen, "no memory");
         }
-        line = nl + 1;
+        for (size_t k = 0; k < old.n && !b->failed; k++) {
+            if (old.v[k][0] == '/' && !strvec_has(&b->set_keys, old.v[k]))
+                change(b, old.v[k], strlen(old.v[k]), NULL, 0);
+        }
+        free_lines(copy, &old);
     }
 }
 
-static void bump_version(void) {
+/* FULL, at COMMIT after delete_stale: each bucket's final list. A bucket the batch did not
+ * set keeps only the lines that still name a key (outside "/", or set by the batch). */
+static void store_final_index(batch_t *b) {
+    for (int i = 0; i < AMESH_INDEX_BUCKETS && !b->failed; i++) {
+        bucket_t *bk = &b->buckets[i];
+        char ikey[32];
+        size_t klen = (size_t)index_key(i, ikey, sizeof(ikey));
+        if (bk->fresh) {
+            change(b, ikey, klen, bk->fresh, bk->fresh_len);
+            continue;
+        }
+        if (bk->old == NULL) continue;
+        char *copy = NULL, *kept = malloc(bk->old_len + 1);
+        strvec_t old = {0};
+        if (kept == NULL || split_lines(bk->old, bk->old_len, &copy, &old) != 0) {
+            fail(b, "store", ikey, klen, "no memory");
+        } else {
+            size_t n = 0;
+            for (size_t k = 0; k < old.n; k++) {
+                if (old.v[k][0] == '/' && !strvec_has(&b->set_keys, old.v[k])) continue;
+                size_t l = strlen(old.v[k]);
+                if (n) kept[n++] = '\n';
+                memcpy(kept + n, old.v[k], l);
+                n += l;
+            }
+            change(b, ikey, klen, n ? kept : NULL, n);
+        }
+        free(kept);
+        free_lines(copy, &old);
+    }
+}
+
+/* A new 13-digit millisecond version, always different from the last one. Only the writer
+ * thread (and prepare, before it runs) changes version_text; the lock is for status. */
+static int bump_version(const char **why) {
     struct timeval tv;
     gettimeofday(&tv, NULL);
     unsigned long long now = (unsigned long long)tv.tv_sec * 1000ULL + tv.tv_usec / 1000;
     unsigned long long prev = strtoull(version_text, NULL, 10);
-    if (now <= prev) now = prev + 1; /* always a different value */
-    snprintf(version_text, sizeof(version_text), "%llu", now);
-    const char *why;
-    if (enter()) {
-        if (store(zone_ver, "version", 7, version_text, strlen(version_text), &why) != 0)
-            amesh_log_error("cannot store version: %s", why);
-        leave();
+    if (now <= prev) now = prev + 1;
+    char next[sizeof(version_text)];
+    int n = snprintf(next, sizeof(next), "%llu", now);
+    *why = "writer is stopping";
+    if (!enter()) return -1;
+    int rc = store(zone_ver, AMESH_KEY_VERSION, sizeof(AMESH_KEY_VERSION) - 1, next, (size_t)n,
+                   why);
+    leave();
+    if (rc == 0) {
+        pthread_mutex_lock(&version_lock);
+        memcpy(version_text, next, sizeof(next));
+        pthread_mutex_unlock(&version_lock);
     }
+    return rc;
 }
 
 static void commit(batch_t *b) {
-    if (b->failed) {
-        atomic_fetch_add(&batches_failed, 1);
-        return; /* already rolled back and reported */
+    if (!b->failed && is_full(b)) {
+        delete_stale(b);
+        store_final_index(b);
     }
-    if (b->flags & AMESH_BATCH_FULL) delete_stale(b);
-    if (b->failed) {
-        atomic_fetch_add(&batches_failed, 1);
+    if (b->failed) return; /* rolled back and reported, or fenced */
+    const char *why;
+    if (b->changed && bump_version(&why) != 0) {
+        if (!nginx_exiting())
+            fail(b, "store", AMESH_KEY_VERSION, sizeof(AMESH_KEY_VERSION) - 1, why);
         return;
     }
-    if (b->changed) bump_version();
     atomic_fetch_add(&batches_applied, 1);
     amesh_reports_put(b->id, 0, b->changed ? "applied" : "unchanged");
 }
 
+/* The library's status in the version dict (AMESH_KEY_STATUS), as the Lua consumer keeps
+ * it: a safe store, so it can never evict "version"; only when it changed. */
+static void publish_status(char **last, size_t *last_len) {
+    char small[1];
+    size_t len = amesh_status(small, sizeof(small));
+    char *json = malloc(len + 1);
+    if (json == NULL) return;
+    len = amesh_status(json, len + 1);
+    if (*last && *last_len == len && memcmp(*last, json, len) == 0) {
+        free(json);
+        return;
+    }
+    const char *why;
+    int rc = -1;
+    if (enter()) {
+        rc = store(zone_ver, AMESH_KEY_STATUS, sizeof(AMESH_KEY_STATUS) - 1, json, len, &why);
+        leave();
+    }
+    if (rc != 0) { /* not stored: try again next time */
+        free(json);
+        return;
+    }
+    free(*last);
+    *last = json;
+    *last_len = len;
+}
+
 static void *writer_main(void *arg) {
     (void)arg;
-    batch_t b = {0};
+    static batch_t b;
+    char *published = NULL;
+    size_t published_len = 0;
+    uint64_t next_status = 0;
     while (!nginx_exiting()) {
         amesh_msg_t *list;
-        int n = amesh_queue_take_wait(&list, 256, 200);
+        int n = amesh_queue_take_wait(&list, 256, 100);
         if (n == AMESH_ESTOPPED) break;
         for (amesh_msg_t *m = list; m; m = m->next) {
             const amesh_change_t *c = &m->change;
@@ -275,54 +535,114 @@ static void *writer_main(void *arg) {
                 batch_reset(&b);
                 b.id = c->batch;
                 b.flags = c->flags;
-                if (b.flags & AMESH_BATCH_FULL) read_old_index(&b);
+                if (is_full(&b)) read_old_index(&b);
             } else if (c->op == AMESH_OP_COMMIT) {
                 commit(&b);
+                batch_reset(&b); /* free the undo copies at once */
             } else {
-                apply_change(&b, c);
+                apply(&b, c);
             }
         }
         amesh_msg_free_list(list);
+        uint64_t now = amesh_clock_us();
+        if (now >= next_status) {
+            next_status = now + STATUS_EVERY_US;
+            publish_status(&published, &published_len);
+        }
     }
     atomic_store(&running, 0);
     return NULL;
 }
 
-static void fence_at_exit(void) { amesh_writer_fence(200); }
+/* -- start and the exit fence ----------------------------------------------------------- */
 
-int amesh_writer_start(void *config_zone, void *version_zone) {
+static void *resolve(const char *http_name, const char *meta_name) {
+    void *f = dlsym(RTLD_DEFAULT, http_name);
+    return f ? f : dlsym(RTLD_DEFAULT, meta_name); /* apisix-runtime's meta module */
+}
+
+int amesh_writer_prepare(void *config_zone, void *version_zone) {
     if (atomic_load(&running)) {
         amesh_log_error("initial(): the writer already runs in this process");
         return AMESH_EALREADY;
     }
-    shd_store = (store_fn)dlsym(RTLD_DEFAULT, "ngx_http_lua_ffi_shdict_store");
-    if (!shd_store) shd_store = (store_fn)dlsym(RTLD_DEFAULT, "ngx_meta_lua_ffi_shdict_store");
-    shd_get = (get_fn)dlsym(RTLD_DEFAULT, "ngx_http_lua_ffi_shdict_get");
-    if (!shd_get) shd_get = (get_fn)dlsym(RTLD_DEFAULT, "ngx_meta_lua_ffi_shdict_get");
+    shd_store = (store_fn)resolve("ngx_http_lua_ffi_shdict_store", "ngx_meta_lua_ffi_shdict_store");
+    shd_get = (get_fn)resolve("ngx_http_lua_ffi_shdict_get", "ngx_meta_lua_ffi_shdict_get");
+    capacity_fn capacity = (capacity_fn)resolve("ngx_http_lua_ffi_shdict_capacity",
+                                                "ngx_meta_lua_ffi_shdict_capacity");
     if (!shd_store || !shd_get) {
         amesh_log_error("initial(): lua-nginx-module's shdict FFI functions are not loaded");
         return AMESH_ERUNTIME;
     }
     zone_cfg = config_zone;
     zone_ver = version_zone;
+    if (capacity) amesh_dict_capacity(capacity(config_zone)); /* before the agent starts */
 
     /* Workers wait in init_worker until a version exists: write one at once if absent
      * (never over an existing one: a reload keeps serving the last config). */
-    size_t len = 0;
-    char *cur = get_copy(zone_ver, "version", 7, &len);
-    const char *why;
-    if (cur) snprintf(version_text, sizeof(version_text), "%s", cur);
-    else bump_version();
+    char *cur;
+    size_t len;
+    const char *why = "";
+    int found = get_value(zone_ver, AMESH_KEY_VERSION, sizeof(AMESH_KEY_VERSION) - 1, &cur,
+                          &len, &why);
+    if (found > 0) {
+        pthread_mutex_lock(&version_lock);
+        snprintf(version_text, sizeof(version_text), "%s", cur);
+        pthread_mutex_unlock(&version_lock);
+    } else if (found == 0 && bump_version(&why) != 0) {
+        amesh_log_error("initial(): cannot store the version: %s", why);
+    } else if (found < 0) {
+        amesh_log_error("initial(): cannot read the version (kept as is): %s", why);
+    }
     free(cur);
-    if (store(zone_cfg, "amesh:sentinel", 14, "1", 1, &why) != 0)
-        amesh_log_error("cannot store the sentinel key: %s", why);
+    if (store(zone_cfg, AMESH_KEY_SENTINEL, sizeof(AMESH_KEY_SENTINEL) - 1, "1", 1, &why) != 0)
+        amesh_log_error("initial(): cannot store the sentinel key: %s", why);
+    return AMESH_OK;
+}
 
+/* nginx's ngx_pool_cleanup_t: { handler, data, next }. */
+typedef struct pool_cleanup_s {
+    void (*handler)(void *data);
+    void *data;
+    struct pool_cleanup_s *next;
+} pool_cleanup_t;
+typedef pool_cleanup_t *(*cleanup_add_fn)(void *pool, size_t size);
+
+static void fence_cleanup(void *data) {
+    (void)data;
+    if (amesh_writer_fence(FENCE_WAIT_MS) != AMESH_OK)
+        amesh_log_error("exit fence: writes still in flight after %d ms", FENCE_WAIT_MS);
+}
+
+/* The fence runs from a cleanup of the worker's cycle pool: ngx_worker_process_exit()
+ * destroys that pool, which holds the shm zones, and runs its cleanups first; atexit()
+ * would run after the zones are gone. Layout assumption: ngx_cycle (exported as
+ * `volatile ngx_cycle_t *ngx_cycle`) starts { void ****conf_ctx; ngx_pool_t *pool; ... },
+ * unchanged since nginx 0.x, so the pool is the cycle's second pointer. */
+static void register_fence(void) {
+    void *volatile *cycle_var = dlsym(RTLD_DEFAULT, "ngx_cycle");
+    cleanup_add_fn add = (cleanup_add_fn)dlsym(RTLD_DEFAULT, "ngx_pool_cleanup_add");
+    void **cycle = cycle_var ? (void **)*cycle_var : NULL;
+    pool_cleanup_t *cln = (add && cycle && cycle[1]) ? add(cycle[1], 0) : NULL;
+    if (cln) {
+        cln->handler = fence_cleanup;
+        cln->data = NULL;
+        fence_kind = "pool cleanup";
+    } else {
+        fence_kind = "flags only (ngx_cycle or ngx_pool_cleanup_add not found)";
+        amesh_log_error("initial(): no nginx pool cleanup; the writer stops on nginx's exit "
+                        "flags only");
+    }
+}
+
+int amesh_writer_run(void) {
+    atomic_store(&running, 1);
     if (amesh_spawn_detached(writer_main) != 0) {
+        atomic_store(&running, 0);
         amesh_log_error("initial(): cannot start the writer thread");
         return AMESH_ERUNTIME;
     }
-    atomic_store(&running, 1);
-    atexit(fence_at_exit);
+    register_fence();
     return AMESH_OK;
 }
 
@@ -337,11 +657,14 @@ int amesh_writer_fence(int timeout_ms) {
 }
 
 void amesh_writer_status(char *buf, size_t len) {
+    pthread_mutex_lock(&version_lock);
     snprintf(buf, len,
              "{\"running\":%s,\"batches_applied\":%llu,\"batches_failed\":%llu,\"stores\":%llu,"
-             "\"version\":\"%s\"}",
+             "\"version\":\"%s\",\"dict_capacity\":%zu,\"fence\":\"%s\",\"stopping\":%s}",
              atomic_load(&running) ? "true" : "false",
              (unsigned long long)atomic_load(&batches_applied),
              (unsigned long long)atomic_load(&batches_failed),
-             (unsigned long long)atomic_load(&stores), version_text);
+             (unsigned long long)atomic_load(&stores), version_text, amesh_dict_capacity_get(),
+             fence_kind, atomic_load(&stopping) ? "true" : "false");
+    pthread_mutex_unlock(&version_lock);
 }
