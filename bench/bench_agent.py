@@ -48,8 +48,8 @@ from amesh_ext.resources import (  # noqa: E402
 class CountingQueue(MemoryQueue):
     """Accepts batches without keeping them (the C queue copies and frees them)."""
 
-    def push_batch(self, batch, flags, sets, deletes) -> int:
-        self.pushed = len(sets) + len(deletes)
+    def push_batch(self, batch, flags, changes) -> int:
+        self.pushed = len(changes)
         return 0
 
 

@@ -12,11 +12,11 @@ local ngx = ngx
 local ngx_log, ERR, INFO = ngx.log, ngx.ERR, ngx.INFO
 local ffi_string, tonumber, tostring, pairs = ffi.string, tonumber, tostring, pairs
 local sub, gmatch, floor, min = string.sub, string.gmatch, math.floor, math.min
-local ipairs, format = ipairs, string.format
+local format, concat = string.format, table.concat
 
 local OP_BEGIN, OP_SET, OP_DELETE, OP_COMMIT = abi.OP_BEGIN, abi.OP_SET, abi.OP_DELETE, abi.OP_COMMIT
 local BATCH_FULL = abi.BATCH_FULL
-local INDEX_PREFIX = "amesh:index:" -- amesh_ext.sink.INDEX_PREFIX
+local INDEX_PREFIX, INDEX_BUCKETS = abi.KEY_INDEX_PREFIX, abi.INDEX_BUCKETS
 local INDEX_PREFIX_LEN = #INDEX_PREFIX
 
 local _M = { _VERSION = "0.1.0" }
@@ -24,9 +24,10 @@ local _M = { _VERSION = "0.1.0" }
 local defaults = {
     dict = "xds-config",             -- what stock APISIX reads: /routes/<id>, /upstreams/<id>
     version_dict = "xds-config-version",
-    version_key = "version",
-    status_key = "amesh:status",     -- in version_dict; APISIX only reads "version"
-    sentinel_key = "amesh:sentinel", -- keeps the data dict from ever being empty
+    version_key = abi.KEY_VERSION,
+    status_dict = nil,               -- default: version_dict (stored with safe_set: the
+    status_key = abi.KEY_STATUS,     -- status can never evict "version")
+    sentinel_key = abi.KEY_SENTINEL, -- keeps the data dict from ever being empty
     wakeup = true,                   -- drain when the library signals a batch (unix socket)…
     safety_interval = 0.05,          -- …and poll this often in case a wakeup is lost;
     interval = 0.002,                -- without the wakeup socket, poll this often
@@ -103,80 +104,137 @@ local function report(id, status, message)
     lib.amesh_report(id, status, message)
 end
 
--- Undo a failed batch: what it changed goes back to the values it found.
-local function fail_batch(dict, err, key)
-    local undo = batch.undo
-    for i = #undo, 1, -2 do
-        local k, old = undo[i - 1], undo[i]
-        if old == false then
-            dict:delete(k)
-        else
-            -- safe_set: a plain set could evict unrelated keys from a full dict
-            local ok, rerr = dict:safe_set(k, old)
-            if not ok then
-                log_error("cannot restore ", k, " while rolling back: ", rerr)
-            end
+local tick_start = 0
+
+local function over_budget()
+    return now_us() - tick_start > opts.tick_budget_us
+end
+
+-- A batch, as docs/dict-protocol.md lays it out. Every key it changes gets an undo entry
+-- (false: the key did not exist), so a refused batch goes back to the dict it found.
+local function new_batch(id, flags, dict)
+    local b = { id = id, full = (flags % 2) == BATCH_FULL, undo_keys = {}, undo_vals = {},
+                keys = {}, new_index = {}, changed = false, failed = false,
+                t0 = tick_start, changes = 0 }
+    if b.full then
+        -- The index an earlier run left, read before this batch rewrites it.
+        local old, any = {}, false
+        for i = 0, INDEX_BUCKETS - 1 do
+            local k = format("%s%02d", INDEX_PREFIX, i)
+            old[k] = dict:get(k)
+            any = any or old[k] ~= nil
+        end
+        b.old_index = old
+        if not any then
+            b.unindexed = dict:get_keys(0) -- another writer's data, or a first start
         end
     end
+    return b
+end
+
+local function store(dict, key, value)
+    if value == nil then
+        return dict:delete(key)
+    end
+    -- safe_set: a plain set could evict unrelated keys from a full dict
+    return dict:safe_set(key, value)
+end
+
+local function refuse_batch(err, key)
     batch.failed = true
-    counters.batches_failed = counters.batches_failed + 1
-    counters.last_error = "store of " .. key .. " failed: " .. tostring(err)
-    log_error(counters.last_error, "; batch ", tostring(batch.id), " rolled back, version kept")
-    report(batch.id, -1, tostring(err))
+    batch.rollback_pos = #batch.undo_keys
+    batch.error = "store of " .. key .. " failed: " .. tostring(err)
+end
+
+-- Undo a refused batch in slices (newest change first), then report it. Returns true once
+-- the rollback is done.
+local function rollback_step(dict)
+    local keys, vals = batch.undo_keys, batch.undo_vals
+    local i = batch.rollback_pos
+    while i > 0 do
+        local old = vals[i]
+        local ok, err = store(dict, keys[i], old ~= false and old or nil)
+        if not ok then
+            log_error("cannot restore ", keys[i], " while rolling back: ", err)
+        end
+        i = i - 1
+        if i % 256 == 0 and over_budget() then
+            batch.rollback_pos = i
+            return false
+        end
+    end
+    batch.rollback_pos = 0
+    if not batch.reported then
+        batch.reported = true
+        counters.batches_failed = counters.batches_failed + 1
+        counters.last_error = batch.error
+        log_error(batch.error, "; batch ", tostring(batch.id), " rolled back (",
+                  #keys, " keys), version kept")
+        report(batch.id, -1, batch.error)
+    end
+    return true
+end
+
+local function union_lines(old, new)
+    if not old or old == "" then
+        return new
+    end
+    local seen, extra = {}, {}
+    for k in gmatch(new, "[^\n]+") do
+        seen[k] = true
+    end
+    for k in gmatch(old, "[^\n]+") do
+        if not seen[k] then
+            extra[#extra + 1] = k
+        end
+    end
+    if #extra == 0 then
+        return new
+    end
+    return new == "" and concat(extra, "\n") or (new .. "\n" .. concat(extra, "\n"))
 end
 
 -- One SET (value) or DELETE (value nil); unchanged values cost a get and nothing else.
 local function apply_change(dict, key, value)
-    local old = dict:get(key)
-    if batch.full and value ~= nil then
+    if batch.full and value ~= nil and not batch.finalizing then
         batch.keys[key] = true
-        if old and sub(key, 1, INDEX_PREFIX_LEN) == INDEX_PREFIX then
-            batch.old_index[#batch.old_index + 1] = old -- what the last run listed
+        if sub(key, 1, INDEX_PREFIX_LEN) == INDEX_PREFIX then
+            -- Old and new keys coexist until COMMIT: the index lists both.
+            batch.new_index[key] = value
+            value = union_lines(batch.old_index[key], value)
         end
     end
+    local old = dict:get(key)
     if old == value then
         return
     end
-    local ok, err
+    local ok, err = store(dict, key, value)
+    if not ok then
+        return refuse_batch(err, key)
+    end
     if value == nil then
-        ok, err = dict:delete(key)
         counters.deletes = counters.deletes + 1
     else
-        ok, err = dict:safe_set(key, value)
         counters.sets = counters.sets + 1
     end
-    if not ok then
-        return fail_batch(dict, err, key)
+    local n = #batch.undo_keys + 1
+    batch.undo_keys[n] = key
+    if old == nil then
+        old = false
     end
-    local undo = batch.undo
-    undo[#undo + 1] = key
-    undo[#undo + 1] = (old == nil) and false or old
+    batch.undo_vals[n] = old
     batch.changed = true
 end
 
 -- A FULL batch deletes what an earlier run (or a reload) left under "/" and the batch
--- lacks. The earlier run's key index (captured as the batch rewrote it) says which keys
--- those are. A dict without an index (first start, or data of another writer) is listed
--- with get_keys when the batch begins, before the batch adds its own keys: get_keys costs
--- ~10 ms per 30,000 keys. Either way the walk is sliced across ticks.
-local RECONCILE_SLICE = 2000
-local INDEX_BUCKETS = 64 -- amesh_ext.sink.INDEX_BUCKETS
-
-local function keys_without_index(dict)
-    for b = 0, INDEX_BUCKETS - 1 do
-        if dict:get(format("%s%02d", INDEX_PREFIX, b)) then
-            return nil
-        end
-    end
-    return dict:get_keys(0)
-end
-
+-- lacks: the keys of the old index (or, with no index at all, of get_keys at BEGIN),
+-- walked in slices across ticks. Then each bucket forgets the keys just deleted.
 local function reconcile_candidates()
     if batch.unindexed then
         return batch.unindexed
     end
     local keys = {}
-    for _, list in ipairs(batch.old_index) do
+    for _, list in pairs(batch.old_index) do
         for k in gmatch(list, "[^\n]+") do
             keys[#keys + 1] = k
         end
@@ -186,9 +244,6 @@ end
 
 -- Returns true once the batch is committed (or failed), false to resume on the next tick.
 local function commit_step(dict, vdict)
-    if batch.failed then
-        return true
-    end
     if batch.full then
         local keys = batch.scan
         if not keys then
@@ -196,19 +251,29 @@ local function commit_step(dict, vdict)
             batch.scan, batch.pos = keys, 1
             return false -- listing was this tick's work
         end
-        local last = min(#keys, batch.pos + RECONCILE_SLICE - 1)
-        for i = batch.pos, last do
+        local i = batch.pos
+        while i <= #keys do
             local k = keys[i]
+            i = i + 1
             if sub(k, 1, 1) == "/" and not batch.keys[k] then
                 apply_change(dict, k, nil)
                 if batch.failed then
                     return true
                 end
             end
+            if i % 256 == 0 and over_budget() then
+                batch.pos = i
+                return false
+            end
         end
-        batch.pos = last + 1
-        if batch.pos <= #keys then
-            return false
+        batch.pos = i
+        batch.finalizing = true -- the new lists, as the agent sent them
+        for k, v in pairs(batch.new_index) do
+            apply_change(dict, k, v) -- a no-op where no old key was merged in
+            if batch.failed then
+                return true
+            end
+            batch.new_index[k] = nil
         end
     end
     if batch.changed then
@@ -223,28 +288,61 @@ local function commit_step(dict, vdict)
 end
 
 local function finish_batch(dict, vdict)
-    if not commit_step(dict, vdict) then
+    if batch.failed then
+        if not rollback_step(dict) then
+            return false
+        end
+        if not batch.committing then
+            return true -- the rest of the refused batch is skipped until its COMMIT
+        end
+    elseif not commit_step(dict, vdict) then
         return false
     end
-    counters.last_batch_us = now_us() - batch.t0
-    counters.last_batch_changes = batch.changes
-    ngx.update_time()
-    counters.last_commit_at = ngx.now()
+    if batch.failed and batch.rollback_pos > 0 then
+        return false -- the store that failed was in the COMMIT step: undo it first
+    end
+    if not batch.failed then
+        counters.last_batch_us = now_us() - batch.t0
+        counters.last_batch_changes = batch.changes
+        ngx.update_time()
+        counters.last_commit_at = ngx.now()
+    end
     batch = nil
     return true
 end
 
-local tick_start = 0
+local function process(dict, vdict, op, flags, id, key, value)
+    if op == OP_BEGIN then
+        batch = new_batch(id, flags, dict)
+        return true
+    end
+    if not batch then
+        return true
+    end
+    if op == OP_COMMIT then
+        batch.committing = true
+        return finish_batch(dict, vdict)
+    end
+    if batch.failed then
+        return true -- skipped: the batch is refused
+    end
+    batch.changes = batch.changes + 1
+    apply_change(dict, key, value)
+    return true
+end
 
 -- Apply queued changes until the queue is empty (returns false) or the tick's budget is
--- spent (returns true: more work is waiting).
+-- spent (returns true: more work is waiting). Pending work of the current batch (a
+-- rollback, a reconcile) goes first; nothing of a later batch is applied before it.
 local function drain_polls(dict, vdict)
-    if batch and batch.committing and not finish_batch(dict, vdict) then
-        return true
+    if batch and (batch.committing or (batch.failed and batch.rollback_pos > 0)) then
+        if not finish_batch(dict, vdict) then
+            return true
+        end
     end
     local buf = changes_buf
     for _ = 1, opts.max_polls do
-        if now_us() - tick_start > opts.tick_budget_us then
+        if over_budget() then
             return true
         end
         local n = lib.amesh_poll(buf, opts.max_changes)
@@ -260,27 +358,27 @@ local function drain_polls(dict, vdict)
         for i = 0, n - 1 do
             local c = buf[i]
             local op = c.op
-            if op == OP_BEGIN then
-                batch = { id = c.batch, full = (c.flags % 2) == BATCH_FULL, undo = {},
-                          keys = {}, old_index = {}, changed = false, failed = false,
-                          t0 = tick_start, changes = 0 }
-                if batch.full then
-                    batch.unindexed = keys_without_index(dict)
-                end
-            elseif batch and not batch.failed then
-                batch.changes = batch.changes + 1
-                if op == OP_SET then
-                    apply_change(dict, ffi_string(c.key, c.key_len),
-                                 ffi_string(c.value, c.value_len))
-                elseif op == OP_DELETE then
-                    apply_change(dict, ffi_string(c.key, c.key_len), nil)
-                elseif op == OP_COMMIT then
-                    -- A poll stops after a COMMIT: nothing else is left in buf.
-                    batch.committing = true
-                    if not finish_batch(dict, vdict) then
-                        return true
+            local key, value
+            if op == OP_SET then
+                key, value = ffi_string(c.key, c.key_len), ffi_string(c.value, c.value_len)
+            elseif op == OP_DELETE then
+                key = ffi_string(c.key, c.key_len)
+            end
+            -- A poll stops after a COMMIT: nothing else is left in buf when this pauses.
+            if not process(dict, vdict, op, c.flags, c.batch, key, value) then
+                return true
+            end
+            if batch and batch.failed and batch.rollback_pos > 0 then
+                -- Undo before anything else; the rest of this poll is of the refused batch.
+                for j = i + 1, n - 1 do
+                    if buf[j].op == OP_COMMIT then
+                        batch.committing = true
                     end
                 end
+                if not finish_batch(dict, vdict) then
+                    return true
+                end
+                break
             end
         end
     end
@@ -328,7 +426,9 @@ local function wakeup_loop(premature, path)
         return
     end
     wakeup.state = "connected"
-    sock:settimeouts(1000, 1000, 3600 * 1000) -- a quiet mesh: one read timeout an hour
+    -- A read timeout of a second: a worker that nginx asks to quit notices within it
+    -- (a blocked cosocket keeps a worker from exiting, and reloads would pile up).
+    sock:settimeouts(1000, 1000, 1000)
     while not ngx.worker.exiting() do
         local data, rerr = sock:receiveany(4096)
         if data then
@@ -361,6 +461,8 @@ local function library_status()
     return ffi_string(status_buf, n)
 end
 
+local status_store_failed = false
+
 local function publish_status(premature)
     if premature then
         return
@@ -372,10 +474,12 @@ local function publish_status(premature)
     parts[#parts] = sub(parts[#parts], 1, -2)
     parts[#parts + 1] = '},"wakeup":{"state":' .. json_string(wakeup.state) .. ',"wakeups":'
         .. wakeup.wakeups .. '},"library":' .. library_status() .. '}'
-    local ok, err = ngx.shared[opts.version_dict]:set(opts.status_key, table.concat(parts))
-    if not ok then
-        log_error("cannot store status: ", err)
+    -- safe_set: a status that does not fit fails alone, never evicting "version".
+    local ok, err = ngx.shared[opts.status_dict]:safe_set(opts.status_key, concat(parts))
+    if not ok and not status_store_failed then
+        log_error("cannot store status (", #parts, " parts): ", err)
     end
+    status_store_failed = not ok
 end
 
 -- Call in init_worker_by_lua. opts.config: the start config as a JSON string.
@@ -413,6 +517,16 @@ function _M.init_worker(user_opts)
     lib = loaded
     changes_buf = ffi.new("amesh_change_t[?]", opts.max_changes)
     status_buf = ffi.new("char[?]", 65536)
+    opts.status_dict = opts.status_dict or opts.version_dict
+    if not ngx.shared[opts.status_dict] then
+        local err = "lua_shared_dict " .. opts.status_dict .. " (status_dict) is required"
+        log_error(err)
+        return nil, err
+    end
+    local okc, capacity = pcall(dict.capacity, dict) -- lua-resty-core's shdict
+    if okc and capacity then
+        lib.amesh_dict_capacity(capacity) -- objects that can never fit are rejected alone
+    end
     local config = user_opts.config or "{}"
     local t0 = now_us()
     local rc = lib.amesh_start(config)
@@ -454,8 +568,10 @@ function _M.exit_worker()
 end
 
 -- The agent's status as JSON (from any worker): what the agent process last published.
-function _M.status()
-    local name = (opts and opts.version_dict) or defaults.version_dict
+-- status_dict: where the agent process publishes (its init_worker option; default the
+-- version dict).
+function _M.status(status_dict)
+    local name = status_dict or (opts and opts.status_dict) or defaults.version_dict
     local vdict = ngx.shared[name]
     local s = vdict and vdict:get((opts and opts.status_key) or defaults.status_key)
     return s or '{"error":"no status published yet"}'

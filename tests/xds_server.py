@@ -149,6 +149,7 @@ class FakeHandler:
         self.calls: list[Applied] = []
         self.state: dict[str, dict[str, Resource]] = {t: {} for t in TYPE_ORDER}
         self.reject: dict[str, str] = {}
+        self.noted: dict[str, str] = {}  # what the client refused before apply()
         self._cond = threading.Condition()
 
     def apply(self, type_url: str, upserts: Any, removed: Any) -> dict[str, str]:
@@ -165,6 +166,10 @@ class FakeHandler:
                 self.state[type_url].pop(name, None)
             self._cond.notify_all()
             return reasons
+
+    def note_rejected(self, type_url: str, rejected: dict[str, str]) -> None:
+        with self._cond:
+            self.noted.update(rejected)
 
     def names(self, type_url: str) -> set[str]:
         with self._cond:

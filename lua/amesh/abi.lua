@@ -14,6 +14,7 @@ typedef struct amesh_change_s {
 } amesh_change_t;
 
 int amesh_start(const char *config_json);
+void amesh_dict_capacity(size_t capacity_bytes);
 const char *amesh_last_error(void);
 int amesh_poll(amesh_change_t *changes, int max_changes);
 const char *amesh_wakeup_socket(void);
@@ -29,4 +30,13 @@ return {
     OK = 0, EINVAL = -1, EALREADY = -2, ERUNTIME = -3, ESTOPPED = -4, EBUSY = -5,
     OP_BEGIN = 1, OP_SET = 2, OP_DELETE = 3, OP_COMMIT = 4,
     BATCH_FULL = 1,
+    -- The dict protocol's keys (docs/dict-protocol.md).
+    KEY_SENTINEL = "amesh:sentinel",
+    KEY_INDEX_PREFIX = "amesh:index:",
+    INDEX_BUCKETS = 64,
+    KEY_LOG_HEAD = "amesh:log:head",
+    KEY_LOG_PREFIX = "amesh:log:",
+    LOG_SLOTS = 256,
+    KEY_VERSION = "version",
+    KEY_STATUS = "amesh:status",
 }

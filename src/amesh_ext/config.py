@@ -19,6 +19,8 @@ _LIMITS = {
     "first_sync_max_wait": (float, 3.0),  # …but no longer than this after the first data
     "status_interval": (float, 0.25),  # seconds between status publications
     "resync_backoff_max": (float, 30.0),  # retry of a batch the dict refused
+    "max_object_bytes": (float, 0),  # larger objects are rejected alone; 0: a quarter of the dict
+    "status_max_rejected": (float, 50),  # rejected resources listed per type (all are counted)
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 

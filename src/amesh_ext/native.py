@@ -7,13 +7,19 @@ import threading
 from collections import deque
 from typing import Protocol
 
-BATCH_FULL = 0x1  # AMESH_BATCH_FULL in include/amesh.h
+from .protocol import BATCH_FULL, Change, apply_batch
+
+__all__ = ["BATCH_FULL", "ChangeQueue", "MemoryQueue", "native_queue"]
 
 
 class ChangeQueue(Protocol):
-    def push_batch(
-        self, batch: int, flags: int, sets: list[tuple[bytes, bytes]], deletes: list[bytes]
-    ) -> int: ...
+    def push_batch(self, batch: int, flags: int, changes: list[Change]) -> int:
+        """Queue one batch: its changes in order ((key, value); a None value deletes)."""
+        ...
+
+    def dict_capacity(self) -> int:
+        """The data dict's capacity in bytes as the consumer told it; 0 if unknown."""
+        ...
 
     def wait_reports(self, timeout_ms: int) -> list[tuple[int, int, str]]: ...
 
@@ -34,33 +40,28 @@ class MemoryQueue:
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
-        self.batches: list[tuple[int, int, list[tuple[bytes, bytes]], list[bytes]]] = []
+        self.batches: list[tuple[int, int, list[Change]]] = []
+        self.capacity = 0
         self.status: bytes = b"null"
         self.errors: list[str] = []
         self.fail_next: str | None = None  # a reason to refuse the next batch, as a full dict would
         self._reports: deque[tuple[int, int, str]] = deque()
         self._cond = threading.Condition()
 
-    def push_batch(
-        self, batch: int, flags: int, sets: list[tuple[bytes, bytes]], deletes: list[bytes]
-    ) -> int:
+    def push_batch(self, batch: int, flags: int, changes: list[Change]) -> int:
         with self._cond:
-            self.batches.append((batch, flags, sets, deletes))
-            if self.fail_next is not None:
+            self.batches.append((batch, flags, changes))
+            if self.fail_next is not None:  # refused: the writer rolled it back
                 self._reports.append((batch, -1, self.fail_next))
                 self.fail_next = None
             else:
-                set_keys = {k.decode() for k, _ in sets}
-                if flags & BATCH_FULL:
-                    for key in [k for k in self.data if k.startswith("/") and k not in set_keys]:
-                        del self.data[key]
-                for key, value in sets:
-                    self.data[key.decode()] = value
-                for key in deletes:
-                    self.data.pop(key.decode(), None)
+                apply_batch(self.data, flags, changes)
                 self._reports.append((batch, 0, "applied"))
             self._cond.notify_all()
         return 0
+
+    def dict_capacity(self) -> int:
+        return self.capacity
 
     def wait_reports(self, timeout_ms: int) -> list[tuple[int, int, str]]:
         with self._cond:

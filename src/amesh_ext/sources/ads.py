@@ -165,7 +165,9 @@ class AdsSource:
 
     def status(self) -> dict[str, Any]:
         status = self._client.status()
-        return {"kind": "ads", "connected": status["state"] == "connected", **status}
+        why = self._client.subs.incomplete_because()
+        return {"kind": "ads", "connected": status["state"] == "connected", **status,
+                "complete": not why, "incomplete_because": why}
 
 
 def _parse_address(address: str) -> tuple[str, str]:

@@ -19,6 +19,11 @@ class ResourceHandler(Protocol):
         resource keeps its last good version and everything else is applied."""
         ...
 
+    def note_rejected(self, type_url: str, rejected: dict[str, str]) -> None:
+        """Resources the source refused itself (undecodable, a name twice in one
+        response): not applied, but listed with the handler's own rejections."""
+        ...
+
 
 class Source(Protocol):
     """A config source runs on its own daemon thread and feeds a ResourceHandler."""

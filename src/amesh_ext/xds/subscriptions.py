@@ -225,6 +225,8 @@ class Subscriptions:
         for name, version in batch.refreshed.items():
             st.held[name] = st.held[name]._replace(version=version)
         reasons = self._apply(st, batch.upserts, gone) if batch.upserts or gone else {}
+        if batch.rejected:  # refused before the handler saw them: it lists them in status
+            self.handler.note_rejected(st.type_url, batch.rejected)
         rejected = dict(batch.rejected)
         for res in batch.upserts:
             reason = reasons.get(res.name)
@@ -283,6 +285,17 @@ class Subscriptions:
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {st.short: st.status() for st in self.states.values()}
+
+    def incomplete_because(self) -> str:
+        """Why the held resources are not yet a whole config ("" once they are): a
+        wildcard type that never had an accepted response, or names not yet received."""
+        for st in self.states.values():
+            if st.wildcard and not st.version and not st.held:
+                return f"no {st.short} accepted yet"
+            missing = [n for n in st.names if n not in st.held]
+            if missing:
+                return f"{len(missing)} {st.short} resource(s) not received yet, e.g. {missing[0]!r}"
+        return ""
 
     def _apply(
         self, st: TypeState, upserts: list[Resource], removed: Collection[str]
