@@ -405,13 +405,28 @@ def _ngx_sub(subject: str, pattern: str, repl: str) -> str:
     return subject[: m.start()] + text + subject[m.end():]
 
 
+# ngx_escape_uri(NGX_ESCAPE_URI), APISIX's uri_safe_encode: space, `#`, `%`, `?`, controls
+# and bytes >= 0x7f.
+_UNSAFE_URI_BYTE = frozenset(b" #%?") | frozenset(range(0x20)) | frozenset(range(0x7f, 0x100))
+
+
+def uri_safe_encode(uri: str) -> str:
+    return "".join(f"%{b:02X}" if b in _UNSAFE_URI_BYTE else chr(b)
+                   for b in uri.encode("utf-8", "surrogateescape"))
+
+
 def _proxy_rewrite(conf: dict, req: Request, v: Vars) -> tuple[str, str, tuple]:
-    uri = v.uri
-    if "regex_uri" in conf:
-        uri = _ngx_sub(uri, *conf["regex_uri"])
-    elif "uri" in conf:
-        uri = resolve_var(conf["uri"], v)
-    path = uri + (f"?{req.query}" if req.query is not None else "")
+    """What the upstream gets. Without proxy-rewrite APISIX forwards the raw request
+    target; with it, uri_safe_encode of the (rewritten) normalised `$uri` plus the args."""
+    if not conf:
+        path = req.path
+    else:
+        uri = v.uri
+        if "regex_uri" in conf:
+            uri = _ngx_sub(uri, *conf["regex_uri"])
+        elif "uri" in conf:
+            uri = resolve_var(conf["uri"], v)
+        path = uri_safe_encode(uri) + (f"?{req.query}" if req.query is not None else "")
     host = conf.get("host", req.host)
     values = {n: req.header_values(n) for n in TRACKED_REQUEST}
     hdrs = conf.get("headers", {})

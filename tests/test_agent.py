@@ -12,7 +12,7 @@ from amesh_ext.agent import Agent
 from amesh_ext.certs import ISTIO_CLIENT_SSL_ID, SSL_KEY
 from amesh_ext.config import parse_start_config
 from amesh_ext.native import MemoryQueue
-from amesh_ext.resources import CLUSTER, parse_json_resource
+from amesh_ext.resources import CLUSTER, LISTENER, ROUTES, parse_json_resource
 from apisix_schema import validate
 
 
@@ -41,17 +41,25 @@ MTLS_CLUSTER = {
 
 
 def test_istio_mutual_upstreams_use_the_agents_client_ssl(tmp_path: Path) -> None:
+    """Upstreams name the client SSL object only while it is in the dict (APISIX answers
+    502 for an absent one); without it they answer 503, as Envoy does while its workload
+    certificate (SDS secret) is missing."""
     queue = MemoryQueue()
     config = parse_start_config(json.dumps(
         {"source": "file:///dev/null", "translate": {"istio_cert_dir": str(tmp_path)}}))
     agent = Agent(config, queue)
     assert agent.apply(CLUSTER, [parse_json_resource(MTLS_CLUSTER, "test")], []) == {}
     agent._first_data = agent._last_apply = 0  # settle the first sync at once
+
+    def upstream() -> dict:
+        key = next(k for k in queue.data if k.startswith("/upstreams/"))
+        value = json.loads(queue.data[key])
+        validate(key, value)
+        return value
+
     agent.tick(now=10)
-    upstream = next(json.loads(v) for k, v in queue.data.items() if k.startswith("/upstreams/"))
-    assert upstream["scheme"] == "https"
-    assert upstream["tls"] == {"client_cert_id": ISTIO_CLIENT_SSL_ID}
-    validate(next(k for k in queue.data if k.startswith("/upstreams/")), upstream)
+    assert upstream()["scheme"] == "https"
+    assert "tls" not in upstream() and upstream()["nodes"] == []
     assert SSL_KEY not in queue.data and agent.status()["istio_certs"] == "missing"
 
     _self_signed(tmp_path, "first")  # istio-agent writes the workload certificate
@@ -59,6 +67,8 @@ def test_istio_mutual_upstreams_use_the_agents_client_ssl(tmp_path: Path) -> Non
     ssl = json.loads(queue.data[SSL_KEY])
     assert ssl["type"] == "client" and "BEGIN CERTIFICATE" in ssl["cert"]
     assert agent.status()["istio_certs"] == "loaded"
+    assert upstream()["tls"] == {"client_cert_id": ISTIO_CLIENT_SSL_ID}
+    assert upstream()["nodes"] == [{"host": "10.0.0.1", "port": 80, "weight": 1}]
     sets_before = agent.sink.counts["sets"]
 
     first = ssl["cert"]
@@ -72,6 +82,7 @@ def test_istio_mutual_upstreams_use_the_agents_client_ssl(tmp_path: Path) -> Non
     agent.tick(now=13)
     assert SSL_KEY not in queue.data
     assert "not loaded" in agent.status()["istio_certs"]
+    assert "tls" not in upstream() and upstream()["nodes"] == []
 
 
 def test_a_translator_crash_rejects_only_that_resource(monkeypatch) -> None:
@@ -128,3 +139,58 @@ def test_invalid_translate_and_xds_sections_name_the_field() -> None:
     bad_xds = parse_start_config('{"source": "grpc://127.0.0.1:15010", "xds": {"protocl": 1}}')
     with pytest.raises(ValueError, match="protocl"):
         make_source(bad_xds.source, bad_xds.xds, Agent(bad_xds, MemoryQueue()), bad_xds.limit)
+
+
+ROUTES_TO_C1 = {
+    "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+    "name": "80", "virtual_hosts": [{"name": "a:80", "domains": ["a"], "routes": [
+        {"name": "one", "match": {"prefix": "/one"}, "route": {"cluster": "c1"}},
+        {"name": "split", "match": {"prefix": "/"}, "route": {"weighted_clusters": {
+            "clusters": [{"name": "c1", "weight": 1}, {"name": "c2", "weight": 1}]}}}]}]}
+
+
+def _static_cluster(name: str) -> dict:
+    return {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": name,
+            "type": "STATIC", "load_assignment": {"cluster_name": name, "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": "10.0.0.1", "port_value": 80}}}}]}]}}
+
+
+def test_routes_never_name_an_upstream_that_is_not_written() -> None:
+    """A route to a cluster the agent lacks answers 503 (Envoy's cluster_not_found); when the
+    cluster arrives or leaves, the routes that name it are translated again."""
+    queue = MemoryQueue()
+    agent = Agent(parse_start_config('{"source": "file:///dev/null"}'), queue)
+    cluster = [parse_json_resource(_static_cluster(n), "test") for n in ("c1", "c2")]
+    assert agent.apply(CLUSTER, cluster[1:], []) == {}
+    assert agent.apply(LISTENER, [], []) == {}
+    assert agent.apply(ROUTES, [parse_json_resource(ROUTES_TO_C1, "test")], []) == {}
+    agent._first_data = agent._last_apply = 0
+    agent.tick(now=10)
+
+    def check() -> dict[str, dict]:
+        objs = {k: json.loads(v) for k, v in queue.data.items() if k.startswith("/")}
+        named = {o["upstream_id"] for k, o in objs.items() if "upstream_id" in o}
+        for o in objs.values():
+            for rule in o.get("plugins", {}).get("traffic-split", {}).get("rules", []):
+                named |= {u["upstream_id"] for u in rule["weighted_upstreams"]}
+        assert {f"/upstreams/{u}" for u in named} <= set(objs)  # nothing dangles
+        return {o["name"].rsplit("/", 1)[-1]: o for k, o in objs.items()
+                if k.startswith("/routes/")}
+
+    routes = check()
+    assert routes["one"]["plugins"]["fault-injection"]["abort"]["http_status"] == 503
+    split = routes["split"]["plugins"]["traffic-split"]["rules"][0]["weighted_upstreams"]
+    assert [u["upstream_id"] for u in split] == ["80_._n", "c2"]
+
+    assert agent.apply(CLUSTER, cluster, []) == {}  # c1 arrives
+    routes = check()
+    assert routes["one"]["upstream_id"] == "c1"
+    split = routes["split"]["plugins"]["traffic-split"]["rules"][0]["weighted_upstreams"]
+    assert [u["upstream_id"] for u in split] == ["c1", "c2"]
+    assert "/upstreams/80_._n" not in queue.data
+
+    assert agent.apply(CLUSTER, cluster[:1], ["c2"]) == {}  # c2 leaves
+    routes = check()
+    split = routes["split"]["plugins"]["traffic-split"]["rules"][0]["weighted_upstreams"]
+    assert [u["upstream_id"] for u in split] == ["c1", "80_._n"]

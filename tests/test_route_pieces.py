@@ -64,9 +64,9 @@ def test_one_changed_virtual_host_is_the_only_one_translated(monkeypatch) -> Non
     calls: list[list[str]] = []
     real = tr.translate_route_configuration
 
-    def counting(rc, port, options):
+    def counting(rc, port, options, clusters=None):
         calls.append([vh.name for vh in rc.virtual_hosts])
-        return real(rc, port, options)
+        return real(rc, port, options, clusters)
 
     monkeypatch.setattr(tr, "translate_route_configuration", counting)
     hosts = [_vhost(f"s{i}", [f"s{i}.ns.svc.cluster.local", f"s{i}"]) for i in range(50)]

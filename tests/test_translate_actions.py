@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from amesh_ext.translate import TranslateOptions, route_hash_policies, upstream_id
+from amesh_ext.translate import TranslateOptions, mirror_node, route_hash_policies, upstream_id
 from amesh_ext.translate.model import HashPolicy
 from amesh_ext.translate.templates import LITERAL_DOLLAR
 from translate_fixtures import (
     CORS,
     FAULT,
+    NORMALISED_PATH,
     first_route,
+    own_plugins,
     rc,
     route_config,
     routes_by_priority,
@@ -19,6 +21,7 @@ from translate_fixtures import (
 )
 
 P = {"prefix": "/"}
+CLUSTER = "outbound|80||svc.ns.svc.cluster.local"  # to_cluster's
 
 
 def act(**action) -> dict:
@@ -41,7 +44,7 @@ def test_weighted_clusters_to_traffic_split():
 def test_single_weighted_cluster_is_plain_upstream():
     obj = first_route(route_config({"name": "w", "match": P, "route": {"weighted_clusters": {
         "clusters": [{"name": "a|b", "weight": 3}, {"name": "b", "weight": 0}]}}}))
-    assert obj["upstream_id"] == upstream_id("a|b") and "plugins" not in obj
+    assert obj["upstream_id"] == upstream_id("a|b") and not own_plugins(obj)
 
 
 def test_cluster_header_without_and_with_candidates():
@@ -137,7 +140,7 @@ def test_unsupported_header_mutations_skip():
         {"header": {"key": "y", "value": "v"}, "append_action": "ADD_IF_ABSENT"},
         {"header": {"key": "host", "value": "h"}}]})
     assert feats(msg) == ["request_header_mutation"] * 3
-    assert "plugins" not in first_route(msg)
+    assert not own_plugins(first_route(msg))
 
 
 def test_response_headers():
@@ -218,27 +221,90 @@ def test_fault_injection(cfg, conf):
 
 
 def test_fault_with_unset_percentage_is_zero():
-    assert "plugins" not in fault({"abort": {"http_status": 503}, "delay": {
-        "fixed_delay": "1s"}})
+    assert not own_plugins(fault({"abort": {"http_status": 503}, "delay": {
+        "fixed_delay": "1s"}}))
 
 
 def test_fault_percentage_rounding_is_reported():
     msg = route_config({**to_cluster(P), "typed_per_filter_config": {
         "envoy.filters.http.fault": {"@type": FAULT, "abort": {
             "http_status": 500, "percentage": {"numerator": 1, "denominator": "MILLION"}}}}})
-    assert "plugins" not in first_route(msg)  # 0.0001% rounds to 0: never fires
+    assert not own_plugins(first_route(msg))  # 0.0001% rounds to 0: never fires
     assert feats(msg) == ["fault_percentage_rounded"]
 
 
-def test_mirror():
-    obj = act(request_mirror_policies=[{"cluster": "outbound|8080||m.ns.svc.cluster.local"}])
-    assert obj["plugins"]["proxy-mirror"] == {"host": "http://m.ns.svc.cluster.local:8080",
-                                              "sample_ratio": 1.0}
-    msg = route_config(to_cluster(P, request_mirror_policies=[
-        {"cluster": "outbound|80|v1|m.ns.svc.cluster.local"}]))
-    assert feats(msg) == ["request_mirror"]
-    assert "plugins" not in act(request_mirror_policies=[
-        {"cluster": "outbound|80||m", "runtime_fraction": {"default_value": {}}}])
+def test_mirror_goes_to_a_node_of_the_mirror_cluster():
+    mirror = "outbound|8080||m.ns.svc.cluster.local"
+    known = {CLUSTER: None, mirror: "http://10.0.0.9:8080"}
+    msg = route_config(to_cluster(P, request_mirror_policies=[{"cluster": mirror}]))
+    tr = translate_rc(msg, clusters=known)
+    assert routes_by_priority(tr)[0]["plugins"]["proxy-mirror"] == {
+        "host": "http://10.0.0.9:8080", "sample_ratio": 1.0}
+    assert tr.cluster_deps[("mirror", mirror)] == "http://10.0.0.9:8080"
+    # A mirror cluster without endpoints, or unknown, gets no copy (Envoy: no host).
+    for view in ({CLUSTER: None, mirror: None}, {CLUSTER: None}):
+        assert "proxy-mirror" not in own_plugins(first_route(msg, clusters=view))
+    assert not own_plugins(first_route(route_config(to_cluster(P, request_mirror_policies=[
+        {"cluster": mirror, "runtime_fraction": {"default_value": {}}}])), clusters=known))
+
+
+def test_mirror_node_is_the_first_node_of_the_priority_tried_first():
+    up = {"scheme": "http", "nodes": [{"host": "a", "port": 1, "weight": 1, "priority": -1},
+                                      {"host": "b", "port": 2, "weight": 0},
+                                      {"host": "c", "port": 3, "weight": 1}]}
+    assert mirror_node(up) == "http://c:3"
+    assert mirror_node({"scheme": "https", "nodes": [{"host": "a", "port": 1, "weight": 1}]}) \
+        == "https://a:1"
+    assert mirror_node({"nodes": []}) is None
+
+
+def test_route_to_an_absent_cluster_answers_503_and_names_no_upstream():
+    tr = translate_rc(route_config(to_cluster(P)), clusters={})
+    route = routes_by_priority(tr)[0]
+    assert "upstream_id" not in route
+    assert route["plugins"] == {"fault-injection": {"abort": {"http_status": 503, "body": ""}}}
+    assert tr.cluster_deps == {("exists", CLUSTER): False}
+    assert not [k for k in tr.objects if k.startswith("/upstreams/")]
+
+
+def test_weighted_entry_to_an_absent_cluster_draws_the_no_cluster_upstream():
+    msg = route_config({"name": "w", "match": P, "route": {"weighted_clusters": {
+        "clusters": [{"name": "gone", "weight": 1}, {"name": "a", "weight": 3}]}}})
+    tr = translate_rc(msg, clusters={"a": None})
+    route = routes_by_priority(tr)[0]
+    no_cluster = "80_._n"
+    assert route["plugins"]["traffic-split"] == {"rules": [{"weighted_upstreams": [
+        {"upstream_id": no_cluster, "weight": 1}, {"upstream_id": "a", "weight": 3}]}]}
+    assert tr.objects["/upstreams/" + no_cluster]["nodes"] == []  # APISIX answers 503
+    # Every entry absent: the route answers 503 itself, no upstream is written.
+    tr = translate_rc(msg, clusters={})
+    assert routes_by_priority(tr)[0]["plugins"]["fault-injection"]["abort"]["http_status"] \
+        == 503
+    assert "/upstreams/" + no_cluster not in tr.objects
+
+
+def test_cluster_header_candidates_the_agent_lacks_are_unknown():
+    opts = TranslateOptions(cluster_header_clusters=("a", "b"))
+    msg = route_config({"name": "h", "match": P, "route": {"cluster_header": "x-c"}})
+    obj = first_route(msg, options=opts, clusters={"b": None})
+    assert [r["weighted_upstreams"][0]["upstream_id"]
+            for r in obj["plugins"]["traffic-split"]["rules"]] == ["b"]
+    assert first_route(msg, options=opts, clusters={})["plugins"]["fault-injection"] == {
+        "abort": {"http_status": 404, "body": ""}}
+
+
+def test_prefix_rewrite_on_a_regex_match_replaces_the_whole_path():
+    obj = first_route(route_config(to_cluster({"safe_regex": {"regex": "/re/[0-9]+"}},
+                                              prefix_rewrite="/new")))
+    # regex_uri keeps the query (APISIX appends the request's args).
+    assert obj["plugins"]["proxy-rewrite"] == {"regex_uri": ["(?s)^.*", "/new"]}
+
+
+def test_every_proxied_route_forwards_the_normalised_path():
+    assert act()["plugins"] == {"proxy-rewrite": NORMALISED_PATH}
+    # A route that rewrites already makes APISIX forward the normalised path.
+    assert act(prefix_rewrite="/x")["plugins"]["proxy-rewrite"] == {
+        "regex_uri": ["^\\/(.*)", "/x$1"]}
 
 
 def test_cors_per_filter_and_legacy():
@@ -253,7 +319,7 @@ def test_cors_per_filter_and_legacy():
     assert obj["plugins"]["cors"] == expected
     obj = act(cors=policy)
     assert obj["plugins"]["cors"] == expected
-    assert "plugins" not in act(cors={"allow_methods": "GET"})
+    assert not own_plugins(act(cors={"allow_methods": "GET"}))
 
 
 def test_route_hash_policies():

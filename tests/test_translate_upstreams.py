@@ -137,13 +137,25 @@ def test_istio_mutual_tls():
     assert up["tls"] == {"client_cert_id": "istio-workload"}
 
 
-def test_istio_auto_mtls_transport_socket_matches():
+def test_istio_mutual_without_the_workload_certificate_answers_503():
+    # Envoy fails the cluster's requests while its SDS secret is missing; an upstream that
+    # named an unwritten SSL object (or had no client certificate) would answer 502.
     cluster, cla = ISTIO_CLUSTERS[0]
     tr = translate_cl(cluster, cla)
     up = upstream(tr)
+    assert up["scheme"] == "https" and "tls" not in up
+    assert up["nodes"] == []
+    assert sorted(feats(tr)) == ["upstream_client_cert", "upstream_tls_context"]
+
+
+def test_istio_auto_mtls_transport_socket_matches():
+    cluster, cla = ISTIO_CLUSTERS[0]
+    opts = TranslateOptions(istio_client_cert_id="istio-workload")
+    tr = translate_cl(cluster, cla, options=opts)
+    up = upstream(tr)
     assert up["scheme"] == "https"
     assert up["nodes"] == [{"host": "10.0.0.1", "port": 9080, "weight": 1}]
-    assert sorted(feats(tr)) == ["upstream_client_cert", "upstream_tls_context"]
+    assert sorted(feats(tr)) == ["upstream_tls_context"]
     # plaintext endpoints (no tlsMode) outweigh: plain upstream, the TLS one dropped
     cla2 = endpoints(("10.0.0.3", 9080), ("10.0.0.4", 9080), name=cluster["name"])
     cla2["endpoints"].append(cla["endpoints"][0])

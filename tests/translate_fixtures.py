@@ -23,6 +23,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 
 from amesh_ext.translate import (
+    Clusters,
     HashPolicy,
     ListenerTranslation,
     TranslateOptions,
@@ -73,8 +74,21 @@ def check(tr: Translation) -> Translation:
 
 
 def translate_rc(msg: RouteConfiguration, port: int | None = 80,
-                 options: TranslateOptions = OPTS) -> Translation:
-    return check(translate_route_configuration(msg, port, options))
+                 options: TranslateOptions = OPTS,
+                 clusters: dict[str, str | None] | None = None) -> Translation:
+    return check(translate_route_configuration(msg, port, options, Clusters(clusters)))
+
+
+# What every proxied route carries so that APISIX forwards the normalised path.
+NORMALISED_PATH = {"regex_uri": ["^/", "/"]}
+
+
+def own_plugins(route: dict) -> dict:
+    """The route's plugins but the proxy-rewrite that only normalises the path."""
+    plugins = dict(route.get("plugins", {}))
+    if plugins.get("proxy-rewrite") == NORMALISED_PATH:
+        del plugins["proxy-rewrite"]
+    return plugins
 
 
 def routes_by_priority(tr: Translation) -> list[dict]:

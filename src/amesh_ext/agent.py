@@ -5,7 +5,10 @@ upstream, a route configuration its routes, a listener its stream routes); a cha
 re-translates only the units it touches, through two joins Envoy itself makes:
 - an EDS cluster reads the ClusterLoadAssignment named by its service_name;
 - a route configuration takes its listener's port, and the hash policy of its routes
-  lands on the upstreams they target (APISIX keeps chash on the upstream).
+  lands on the upstreams they target (APISIX keeps chash on the upstream);
+- route configurations and listeners see which clusters exist (a route to an absent one
+  answers 503 and names no upstream) and their mirror nodes: each records the answers it
+  used (Translation.cluster_deps) and is re-translated when a cluster changes one.
 Every unit is computed before anything is changed, so a resource the translator rejects
 leaves the last good state untouched (and is reported for the NACK).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import threading
 import time
@@ -54,15 +58,14 @@ def _eds_name(cluster: Any) -> str | None:
 class Agent:
     def __init__(self, config: StartConfig, queue: ChangeQueue) -> None:
         translate = dict(config.translate)
-        if not {"istio_client_cert_id", "istio_client_cert_pem"} & translate.keys():
-            # ISTIO_MUTUAL upstreams name the agent's client SSL object (see certs.py).
-            translate["istio_client_cert_id"] = ISTIO_CLIENT_SSL_ID
+        # ISTIO_MUTUAL upstreams name the agent's client SSL object (see certs.py), but only
+        # while it is written: never a reference to an object that is not in the dict.
+        managed = not {"istio_client_cert_id", "istio_client_cert_pem"} & translate.keys()
         try:
             self._options = tr.TranslateOptions(**translate)
         except TypeError as exc:
             raise ConfigError(f"start config: invalid 'translate' section: {exc}") from exc
-        self._certs = (IstioCertFiles(tr.istio_cert_paths(self._options))
-                       if self._options.istio_client_cert_id == ISTIO_CLIENT_SSL_ID else None)
+        self._certs = IstioCertFiles(tr.istio_cert_paths(self._options)) if managed else None
         self._config = config
         self._queue = queue
         self._lock = threading.RLock()
@@ -79,6 +82,9 @@ class Agent:
         self._listener_ports: dict[str, dict[str, int | None]] = {}  # listener -> rc -> port
         self._route_hashes: dict[str, dict[str, tr.HashPolicy]] = {}  # rc -> cluster -> hash
         self._route_translators: dict[str, RouteConfigTranslator] = {}  # per-vhost reuse
+        self._cluster_nodes: dict[str, str | None] = {}  # cluster -> mirror node (tr.Clusters)
+        self._unit_deps: dict[Unit, dict[tuple[str, str], object]] = {}
+        self._dep_users: dict[str, set[Unit]] = {}  # cluster -> units whose deps name it
         self._rejected: dict[str, dict[str, str]] = {t: {} for t in self._resources}
         self._decoded_in_use: list[Resource] = []
         self.collisions: dict[str, str] = {}
@@ -89,6 +95,7 @@ class Agent:
         self._synced = False
         self.started_at = time.time()
         self.first_batch_at: float | None = None  # unix time the first batch was queued
+        self._refresh_certs()  # before any cluster: ISTIO_MUTUAL upstreams need to know
 
     # -- ResourceHandler -----------------------------------------------------------------
     def apply(
@@ -152,13 +159,14 @@ class Agent:
             for cluster, translation in pending.items():
                 self._set_unit(("cluster", cluster), translation)
         elif type_url == LISTENER:
-            lt = tr.translate_listener(msg, self._options)
+            lt = tr.translate_listener(msg, self._options, tr.Clusters(self._cluster_nodes))
             self._resources[LISTENER][res.name] = res
             self._set_listener_ports(res.name, lt.route_config_ports)
             self._set_unit(("listener", res.name), lt.translation)
         else:
             port = self._route_port(res.name)
-            translation = self._route_translator(res.name).translate(msg, port, self._options)
+            translation = self._route_translator(res.name).translate(
+                msg, port, self._options, self._cluster_nodes)
             hashes = tr.route_hash_policies(msg)
             self._resources[ROUTES][res.name] = res
             self._set_unit(("routes", res.name), translation)
@@ -238,11 +246,49 @@ class Agent:
         msg = self._decode(self._resources[ROUTES][name])
         try:
             translation = self._route_translator(name).translate(
-                msg, self._route_port(name), self._options)
+                msg, self._route_port(name), self._options, self._cluster_nodes)
         except (tr.InvalidResource, ValueError) as exc:
             log.error("route configuration %r kept at its last good routes: %s", name, exc)
             return
         self._set_unit(("routes", name), translation)
+
+    def _retranslate_listener(self, name: str) -> None:
+        msg = self._decode(self._resources[LISTENER][name])
+        try:
+            lt = tr.translate_listener(msg, self._options, tr.Clusters(self._cluster_nodes))
+        except (tr.InvalidResource, ValueError) as exc:
+            log.error("listener %r kept at its last good objects: %s", name, exc)
+            return
+        self._set_unit(("listener", name), lt.translation)
+
+    def _cluster_changed(self, name: str, translation: tr.Translation | None) -> None:
+        """Record whether cluster `name` exists and its mirror node; re-translate the route
+        configurations and listeners that asked about it and would now get another answer."""
+        if translation is None or not translation.objects:
+            self._cluster_nodes.pop(name, None)
+        else:
+            upstream = next(iter(translation.objects.values()))
+            self._cluster_nodes[name] = tr.mirror_node(upstream)
+        for unit in sorted(self._dep_users.get(name, ())):
+            deps = self._unit_deps.get(unit, {})
+            if any(tr.cluster_answer(self._cluster_nodes, dep) != answer
+                   for dep, answer in deps.items() if dep[1] == name):
+                if unit[0] == "routes" and unit[1] in self._resources[ROUTES]:
+                    self._retranslate_routes(unit[1])
+                elif unit[0] == "listener" and unit[1] in self._resources[LISTENER]:
+                    self._retranslate_listener(unit[1])
+
+    def _set_deps(self, unit: Unit, deps: dict[tuple[str, str], object]) -> None:
+        for _, cluster in self._unit_deps.pop(unit, {}):
+            users = self._dep_users.get(cluster)
+            if users is not None:
+                users.discard(unit)
+                if not users:
+                    del self._dep_users[cluster]
+        if deps:
+            self._unit_deps[unit] = dict(deps)
+            for _, cluster in deps:
+                self._dep_users.setdefault(cluster, set()).add(unit)
 
     def _route_translator(self, route_config: str) -> RouteConfigTranslator:
         translator = self._route_translators.get(route_config)
@@ -298,6 +344,10 @@ class Agent:
             self._unit_keys[unit] = new
         else:
             self._unit_keys.pop(unit, None)
+        if unit[0] in ("routes", "listener"):
+            self._set_deps(unit, translation.cluster_deps if translation is not None else {})
+        elif unit[0] == "cluster":
+            self._cluster_changed(unit[1], translation)
 
     def _record_skips(self, unit: Unit, skips: list[tr.Skip]) -> None:
         if skips:
@@ -329,6 +379,12 @@ class Agent:
         self._set_unit(("certs", "istio"), tr.Translation({SSL_KEY: ssl} if ssl else {}, []))
         if self._certs.error:
             log.warning("%s", self._certs.error)
+        cert_id = ISTIO_CLIENT_SSL_ID if ssl else None
+        if cert_id != self._options.istio_client_cert_id:
+            # ISTIO_MUTUAL upstreams name the SSL object only while it is in the dict.
+            self._options = dataclasses.replace(self._options, istio_client_cert_id=cert_id)
+            for cluster in sorted(self._resources[CLUSTER]):
+                self._retranslate_cluster(cluster)
 
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

@@ -10,11 +10,14 @@ in one go. Pieces whose bytes did not change reuse their last translation, so a 
 adds one service costs one virtual host, not ten thousand. Kept pieces hold their objects
 already encoded (encoding.to_json): the same bytes the agent and the sink keep, so the
 cache costs no second copy and reused objects are not encoded again. The result equals
-translate_route_configuration() of the whole, encoded (tests/test_route_pieces.py).
+translate_route_configuration() of the whole, encoded (tests/test_route_pieces.py). A piece
+also depends on the clusters its routes name (which exist, their mirror nodes): it is reused
+only while the agent's clusters give the answers recorded in its cluster_deps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from . import translate as tr
@@ -51,12 +54,14 @@ class RouteConfigTranslator:
         self._context: bytes | None = None
         self._done: dict[bytes, tr.Translation] = {}
 
-    def translate(self, rc: Any, port: int | None, options: tr.TranslateOptions) -> tr.Translation:
-        """The route configuration's objects, each a dict or (from a piece) JSON bytes."""
+    def translate(self, rc: Any, port: int | None, options: tr.TranslateOptions,
+                  clusters: Mapping[str, str | None] | None = None) -> tr.Translation:
+        """The route configuration's objects, each a dict or (from a piece) JSON bytes;
+        `clusters` as tr.Clusters takes it."""
         pieces = _pieces(rc)
         if pieces is None:
             self._context, self._done = None, {}
-            return tr.translate_route_configuration(rc, port, options)
+            return tr.translate_route_configuration(rc, port, options, tr.Clusters(clusters))
         tr.check_route_domains(rc, f"RouteConfiguration {rc.name!r}")  # across pieces
         settings = type(rc)()
         settings.CopyFrom(rc)
@@ -68,15 +73,20 @@ class RouteConfigTranslator:
         out = tr.Translation()
         seen_skips: set[tuple[str, str, str]] = set()
         for identity, vhosts in pieces:
-            piece = self._done.get(identity) or done.get(identity)
+            piece = done.get(identity) or self._done.get(identity)
+            if piece is not None and any(tr.cluster_answer(clusters, dep) != answer
+                                         for dep, answer in piece.cluster_deps.items()):
+                piece = None
             if piece is None:
                 partial = type(rc)()
                 partial.CopyFrom(settings)
                 partial.virtual_hosts.extend(vhosts)
-                piece = tr.translate_route_configuration(partial, port, options)
+                piece = tr.translate_route_configuration(partial, port, options,
+                                                         tr.Clusters(clusters))
                 piece.objects = {k: to_json(v) for k, v in piece.objects.items()}
             done[identity] = piece
             out.objects.update(piece.objects)
+            out.cluster_deps.update(piece.cluster_deps)
             for skip in piece.skipped:  # route-config-level skips come with every piece
                 mark = (skip.feature, skip.resource, skip.detail)
                 if mark not in seen_skips:

@@ -4,10 +4,11 @@ host, and timeout."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .durations import seconds
-from .ids import upstream_id
-from .model import InvalidResource, Skips
+from .ids import scoped_id, upstream_id
+from .model import Clusters, InvalidResource, Skips
 from .options import TranslateOptions
 from .redirect import backrefs, prefix_pattern
 from .regex import re2_to_pcre
@@ -22,12 +23,38 @@ _PROXY_HOST = re.compile(r"[0-9a-zA-Z.-]+(:\d{1,5})?")
 _MIN_TIMEOUT = 0.001
 
 
+@dataclass
+class Targets:
+    """The clusters routes may name, for one route configuration. A weighted entry whose
+    cluster is absent must still be drawn with its weight and answer 503 (Envoy's
+    cluster_not_found_response_code); traffic-split needs an existing upstream for that
+    (an unknown upstream_id makes it answer 500 for every draw), so such entries name the
+    route configuration's own `no_cluster` upstream, which has no nodes (APISIX: 503)."""
+
+    clusters: Clusters
+    no_cluster_id: str
+    no_cluster_used: bool = False
+
+    @classmethod
+    def of(cls, route_config_name: str, clusters: Clusters) -> Targets:
+        # `_n` is no escape (not hex) and `_.` never occurs in an escaped cluster name:
+        # this id collides with no cluster's upstream.
+        return cls(clusters, scoped_id(route_config_name, "_n"))
+
+    def no_cluster_upstream(self) -> dict:
+        return {"id": self.no_cluster_id, "name": "amesh: cluster not found (503)",
+                "type": "roundrobin", "nodes": []}
+
+
 def _cluster_target(action, route: dict, where: str, skips: Skips,
-                    options: TranslateOptions) -> int | None:
+                    options: TranslateOptions, targets: Targets) -> int | None:
     """Set upstream_id / traffic-split; else the status the route must answer."""
     kind = action.WhichOneof("cluster_specifier")
     plugins = route.setdefault("plugins", {})
+    exists = targets.clusters.exists
     if kind == "cluster":
+        if not exists(action.cluster):
+            return 503  # Envoy: cluster_not_found_response_code
         route["upstream_id"] = upstream_id(action.cluster)
         return None
     if kind == "weighted_clusters":
@@ -45,7 +72,8 @@ def _cluster_target(action, route: dict, where: str, skips: Skips,
                           f"and filter configs of {cw.name!r} are not supported", where)
             weight = cw.weight.value if cw.HasField("weight") else 0
             if weight > 0:
-                entries.append({"upstream_id": upstream_id(cw.name), "weight": weight})
+                uid = upstream_id(cw.name) if exists(cw.name) else targets.no_cluster_id
+                entries.append({"upstream_id": uid, "weight": weight})
         if not wc.clusters:
             raise InvalidResource(f"{where}: weighted_clusters without clusters")
         if not entries:
@@ -57,6 +85,10 @@ def _cluster_target(action, route: dict, where: str, skips: Skips,
             skips.add("weighted_clusters", f"{len(entries)} clusters: APISIX keeps "
                       f"{_MAX_SPLIT}", where)
             entries = entries[:_MAX_SPLIT]
+        if all(e["upstream_id"] == targets.no_cluster_id for e in entries):
+            return 503
+        if any(e["upstream_id"] == targets.no_cluster_id for e in entries):
+            targets.no_cluster_used = True
         route["upstream_id"] = entries[0]["upstream_id"]
         if len(entries) > 1:
             # A rule without `match` always applies (never emit `match: []`).
@@ -71,14 +103,18 @@ def _cluster_target(action, route: dict, where: str, skips: Skips,
                       "clusters configured (TranslateOptions.cluster_header_clusters); the "
                       "route answers 404 like Envoy for an unknown cluster", where)
             return 404
+        # A candidate the agent does not hold is unknown to Envoy too: 404 (proto doc).
+        present = [name for name in candidates if exists(name)]
+        if not present:
+            return 404
         rules = [{"match": [{"vars": [[var, "==", name]]}],
                   "weighted_upstreams": [{"upstream_id": upstream_id(name), "weight": 1}]}
-                 for name in candidates]
+                 for name in present]
         plugins["traffic-split"] = {"rules": rules}
         # No rule matched: the header names no known cluster, Envoy answers 404.
         plugins["fault-injection"] = {"abort": {
-            "http_status": 404, "vars": [[[var, "!", "in", list(candidates)]]]}}
-        route["upstream_id"] = upstream_id(candidates[0])
+            "http_status": 404, "vars": [[[var, "!", "in", present]]]}}
+        route["upstream_id"] = upstream_id(present[0])
         return None
     skips.add("cluster_specifier", f"{kind or 'no cluster specifier'} cannot be expressed; "
               "the route answers 503", where)
@@ -154,9 +190,9 @@ def _rewrite(action, match, route: dict, where: str, skips: Skips) -> None:
 
 
 def route_action(action, match, retry, route: dict, where: str, skips: Skips,
-                 options: TranslateOptions) -> int | None:
+                 options: TranslateOptions, targets: Targets) -> int | None:
     """Fill `route` from a RouteAction; else the status the route must answer."""
-    status = _cluster_target(action, route, where, skips, options)
+    status = _cluster_target(action, route, where, skips, options, targets)
     if status is not None:
         return status
     route["timeout"] = _timeout(action, retry, options)

@@ -11,7 +11,7 @@ agent sees both stream routes).
 from __future__ import annotations
 
 from .ids import NameCounter, scoped_id, upstream_id
-from .model import InvalidResource, ListenerTranslation, Skips
+from .model import Clusters, InvalidResource, ListenerTranslation, Skips
 from .options import TranslateOptions
 from .routes import translate_route_configuration
 
@@ -70,9 +70,13 @@ def _tcp_cluster(tcp, where: str, skips: Skips) -> str | None:
     raise InvalidResource(f"{where}: tcp_proxy without a cluster")
 
 
-def translate_listener(listener, options: TranslateOptions) -> ListenerTranslation:
+def translate_listener(listener, options: TranslateOptions,
+                       clusters: Clusters | None = None) -> ListenerTranslation:
+    """Stream routes and inline route configs of a listener; `clusters`: what the agent
+    holds (None: every cluster exists)."""
     if not listener.name:
         raise InvalidResource("Listener without a name")
+    clusters = clusters if clusters is not None else Clusters()
     where = f"Listener {listener.name!r}"
     skips = Skips(where)
     out = ListenerTranslation()
@@ -106,23 +110,27 @@ def translate_listener(listener, options: TranslateOptions) -> ListenerTranslati
                 if cport is None or not 0 < cport < 65536:
                     skips.add("tcp_proxy", "no port to match the stream route on", cwhere)
                     continue
+                if not clusters.exists(cluster):
+                    continue  # Envoy closes the connection; no stream route does the same
                 sid = scoped_id(listener.name, ckey)
                 out.translation.objects["/stream_routes/" + sid] = {
                     "id": sid, "server_port": cport, "upstream_id": upstream_id(cluster)}
                 continue
-            _hcm(msg, cport, out, cwhere, skips, options)
+            _hcm(msg, cport, out, cwhere, skips, options, clusters)
     out.translation.skipped[:0] = skips.items
+    out.translation.cluster_deps.update(clusters.deps)
     return out
 
 
 def _hcm(hcm, port: int | None, out: ListenerTranslation, cwhere: str, skips: Skips,
-         options: TranslateOptions) -> None:
+         options: TranslateOptions, clusters: Clusters) -> None:
     kind = hcm.WhichOneof("route_specifier")
     if kind == "rds":
         out.route_config_ports[hcm.rds.route_config_name] = port
     elif kind == "route_config":
         out.route_config_ports[hcm.route_config.name] = port
-        out.translation.merge(translate_route_configuration(hcm.route_config, port, options))
+        out.translation.merge(translate_route_configuration(hcm.route_config, port, options,
+                                                            clusters))
     else:
         skips.add("scoped_routes", f"{kind or 'no'} route specifier is not supported", cwhere)
     for hf in hcm.http_filters:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from google.protobuf.any_pb2 import Any as AnyMsg
 
 from .durations import fraction, seconds, whole_percent
-from .model import InvalidResource, Skips
+from .model import Clusters, InvalidResource, Skips
 from .regex import full_match, pcre_literal
 from .templates import literal
 
@@ -167,19 +167,11 @@ def cors(policy, where: str, skips: Skips) -> dict | None:
     return conf
 
 
-def mirror_host(cluster: str) -> str | None:
-    """`http://<fqdn>:<port>` for an Istio outbound cluster without subset, else None."""
-    parts = cluster.split("|")
-    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit() or not parts[3]:
-        return None
-    if parts[2]:
-        return None  # a subset has no address of its own
-    return f"http://{parts[3]}:{parts[1]}"
-
-
-def proxy_mirror(policies, where: str, skips: Skips) -> dict | None:
-    """proxy-mirror config of the first request mirror policy (APISIX mirrors to one host,
-    by its DNS name, in plain HTTP, without Envoy's `-shadow` host suffix)."""
+def proxy_mirror(policies, where: str, skips: Skips, clusters: Clusters) -> dict | None:
+    """proxy-mirror config of the first request mirror policy. Envoy sends the copy to an
+    endpoint of the mirror cluster; APISIX mirrors to one address, so the copy goes to one
+    node of that cluster (upstreams.mirror_node), without Envoy's `-shadow` host suffix. A
+    cluster without endpoints (or unknown) gets no copy, as in Envoy."""
     if not policies:
         return None
     if len(policies) > 1:
@@ -189,10 +181,12 @@ def proxy_mirror(policies, where: str, skips: Skips) -> dict | None:
     ratio = fraction(p.runtime_fraction.default_value) if p.HasField("runtime_fraction") else 1.0
     if ratio <= 0:
         return None
-    host = mirror_host(p.cluster) if p.cluster else None
+    if not p.cluster:
+        skips.add("request_mirror", f"mirror cluster named by header {p.cluster_header!r} "
+                  "is not supported", where)
+        return None
+    host = clusters.mirror_node(p.cluster)
     if host is None:
-        skips.add("request_mirror", f"mirror cluster {p.cluster or p.cluster_header!r} has no "
-                  "address APISIX can mirror to", where)
         return None
     if ratio < _MIN_SAMPLE:
         skips.add("request_mirror", f"sample ratio {ratio:g} raised to {_MIN_SAMPLE}", where)

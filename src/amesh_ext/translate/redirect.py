@@ -77,7 +77,8 @@ def redirect(rd, match, where: str, skips: Skips) -> dict | None:
 
 
 def prefix_pattern(match, new_prefix: str, where: str, skips: Skips):
-    """(regex, replacement) replacing the matched prefix (or whole exact path)."""
+    """(regex, replacement) replacing the matched prefix (or the whole path of an exact or
+    regex match)."""
     kind = match.WhichOneof("path_specifier")
     flags = "(?i)" if match.HasField("case_sensitive") and not match.case_sensitive.value else ""
     repl = new_prefix.replace("$", "$$")
@@ -87,5 +88,8 @@ def prefix_pattern(match, new_prefix: str, where: str, skips: Skips):
         return f"{flags}^{pcre_literal(match.path_separated_prefix)}(.*)", repl + "$1"
     if kind == "path":
         return f"{flags}^{pcre_literal(match.path)}\\z", repl
+    if kind == "safe_regex":
+        # Envoy (RegexRouteEntryImpl) replaces the whole path; the query is kept.
+        return "(?s)^.*", repl
     skips.add("prefix_rewrite", f"prefix_rewrite with a {kind} match is undefined", where)
     return None, None

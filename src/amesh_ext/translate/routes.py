@@ -9,18 +9,23 @@
   own host sub-routers, so their base is 0; host-less selectors share one tree, so `*` gets
   base 0 and each `X*` selector a band above it, longer prefixes higher (Envoy's order).
 - The listener port is kept as `[port_match_var, "==", "<port>"]` on every route.
+- Every proxied route carries proxy-rewrite: APISIX then forwards nginx's normalised path
+  (dot segments resolved, unreserved escapes decoded), as Istio's Envoy does
+  (normalize_path); without the plugin it forwards the client's raw path.
+- A route to a cluster the agent does not hold answers 503, as Envoy's; weighted entries
+  to one name the route configuration's `no_cluster` upstream (actions.Targets).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .actions import route_action
+from .actions import Targets, route_action
 from .headers import HeaderLevel, fold, request_headers, response_headers
 from .hosts import HostSelector, check_domains, host_selectors
 from .ids import NameCounter, scoped_id
 from .matchers import translate_match
-from .model import InvalidResource, Skips, Translation
+from .model import Clusters, InvalidResource, Skips, Translation
 from .options import TranslateOptions
 from .plugins import (
     CORS_FILTER,
@@ -34,6 +39,12 @@ from .plugins import (
 from .redirect import redirect
 
 _NAME_MAX = 256
+
+
+def _normalised_path() -> dict:
+    """proxy-rewrite that leaves the path as nginx normalised it: any proxy-rewrite makes
+    APISIX forward uri_safe_encode($uri) instead of the raw request line's path."""
+    return {"regex_uri": ["^/", "/"]}
 
 
 @dataclass
@@ -145,7 +156,7 @@ def _direct_response(rc, dr, where: str, skips: Skips) -> dict:
 
 
 def _route_body(rc, inh: _Inherited, route, key: str, name: str, where: str,
-                skips: Skips, options: TranslateOptions) -> _Body | None:
+                skips: Skips, options: TranslateOptions, targets: Targets) -> _Body | None:
     m = translate_match(route.match, where, skips)
     if m is None or m.never:
         return None
@@ -163,19 +174,20 @@ def _route_body(rc, inh: _Inherited, route, key: str, name: str, where: str,
     if action == "route":
         ra = route.route
         retry = ra.retry_policy if ra.HasField("retry_policy") else inh.retry
-        status = route_action(ra, route.match, retry, obj, where, skips, options)
+        status = route_action(ra, route.match, retry, obj, where, skips, options, targets)
         if status is not None:
             obj.pop("upstream_id", None)
             plugins.clear()
             plugins["fault-injection"] = abort(status, "")
         else:
             mirrors = ra.request_mirror_policies or inh.mirrors
-            if mirrors and (mirror := proxy_mirror(mirrors, where, skips)):
+            if mirrors and (mirror := proxy_mirror(mirrors, where, skips, targets.clusters)):
                 plugins["proxy-mirror"] = mirror
             levels = _header_levels(route, inh, True)
             if levels and (req := request_headers(fold(levels, skips,
                                                        "request_header_mutation"))):
                 plugins.setdefault("proxy-rewrite", {})["headers"] = req
+            plugins.setdefault("proxy-rewrite", _normalised_path())
             if options.enable_websocket:
                 obj["enable_websocket"] = True
             if fault_conf:
@@ -272,10 +284,15 @@ def _bases(groups: list[_Group]) -> list[int]:
 
 
 def translate_route_configuration(route_config, listener_port: int | None,
-                                  options: TranslateOptions) -> Translation:
-    """APISIX routes for one RouteConfiguration, keys under route_key_prefix(name)."""
+                                  options: TranslateOptions,
+                                  clusters: Clusters | None = None) -> Translation:
+    """APISIX routes for one RouteConfiguration, keys under route_key_prefix(name), plus
+    its `no_cluster` upstream when a weighted entry names an absent cluster. `clusters`:
+    what the agent holds (None: every cluster exists)."""
     rc = route_config
     rc_name = rc.name
+    clusters = clusters if clusters is not None else Clusters()
+    targets = Targets.of(rc_name, clusters)
     where = f"RouteConfiguration {rc_name!r}"
     check_domains(rc, where)
     skips = Skips(where)
@@ -300,14 +317,16 @@ def translate_route_configuration(route_config, listener_port: int | None,
             rname = route.name
             body = _route_body(rc, inh, route, route_keys.key(rname, ri),
                                (name_head + (rname or "#"))[:_NAME_MAX],
-                               f"{where_head}{rname or ri!r}", skips, options)
+                               f"{where_head}{rname or ri!r}", skips, options, targets)
             if body is not None:
                 bodies.append(body)
         for k, sel in enumerate(host_selectors(vh, rc.ignore_port_in_host_matching, skips)):
             # Each selector emits its own objects: no nested dict shared between keys.
             groups.append(_Group(vh_key, vh_name, sel, [
                 _Body(b.key, b.name, _clone(b.obj)) for b in bodies] if k else bodies))
-    out = Translation(skipped=skips.items)
+    out = Translation(skipped=skips.items, cluster_deps=dict(clusters.deps))
+    if targets.no_cluster_used:
+        out.objects["/upstreams/" + targets.no_cluster_id] = targets.no_cluster_upstream()
     for group, base in zip(groups, _bases(groups), strict=True):
         sel = group.selector
         head = port_vars + sel.vars

@@ -250,8 +250,14 @@ def _tls(up: dict, ctx, where: str, skips: Skips, options: TranslateOptions) -> 
             up["tls"] = {"client_cert": options.istio_client_cert_pem,
                          "client_key": options.istio_client_key_pem}
         else:
-            skips.add("upstream_client_cert", "ISTIO_MUTUAL needs the workload certificate: "
-                      "set TranslateOptions.istio_client_cert_id or the PEM options", where)
+            # Envoy holds the cluster's connections until its SDS secret arrives and then
+            # fails them (503); an upstream without the certificate would reach the server
+            # and be refused at the handshake (502), one naming an SSL object that is not
+            # there fails too (502). No nodes: 503 until the certificate is loaded.
+            up["nodes"] = []
+            skips.add("upstream_client_cert", "ISTIO_MUTUAL: the workload certificate is not "
+                      "loaded (TranslateOptions.istio_client_cert_id or the PEM options); "
+                      "requests answer 503 until it is", where)
     elif sds:
         skips.add("upstream_client_cert", f"client certificate from SDS {sds!r} is not "
                   "supported", where)
@@ -334,6 +340,22 @@ def _inbound_local(name: str, options: TranslateOptions):
     sa.address = options.inbound_original_dst_host
     sa.port_value = int(parts[1])
     return la
+
+
+_MIRROR_SCHEMES = {"https": "https", "grpc": "grpc", "grpcs": "grpcs"}
+
+
+def mirror_node(upstream: dict) -> str | None:
+    """Where a mirror copy of a request to this upstream goes (`scheme://host:port`), None
+    when it has no node: APISIX mirrors to one address, Envoy to the cluster's endpoints,
+    so the copy goes to the first node of the priority Envoy uses first."""
+    nodes = [n for n in upstream.get("nodes") or () if n.get("weight", 1) > 0]
+    if not nodes:
+        return None
+    top = max(n.get("priority", 0) for n in nodes)
+    node = next(n for n in nodes if n.get("priority", 0) == top)
+    scheme = _MIRROR_SCHEMES.get(upstream.get("scheme", "http"), "http")
+    return f"{scheme}://{node['host']}:{node['port']}"
 
 
 def translate_cluster(cluster, assignment, hash_policy: HashPolicy | None,
