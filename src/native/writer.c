@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "amesh.h"
 #include "queue.h"
@@ -276,7 +277,8 @@ static int change(batch_t *b, const char *key, size_t key_len, const char *val, 
         leave();
         return 0;
     }
-    /* The undo entry exists before the store: a store that lands always has one. */
+    /* The undo entry goes in before the store, and stays when the store fails: a safe
+     * store that cannot allocate a value of another size has already freed the old one. */
     char *key_copy = strndup(key, key_len);
     if (key_copy == NULL || grow((void **)&b->undo, &b->cap_undo, b->n_undo, sizeof(undo_t))) {
         leave();
@@ -284,14 +286,10 @@ static int change(batch_t *b, const char *key, size_t key_len, const char *val, 
         free(old);
         return fail(b, "store", key, key_len, "no memory");
     }
+    b->undo[b->n_undo++] = (undo_t){key_copy, key_len, found ? old : NULL, old_len};
     int rc = store(zone_cfg, key, key_len, val, val_len, &why);
     leave();
-    if (rc != 0) {
-        free(key_copy);
-        free(old);
-        return fail(b, "store", key, key_len, why);
-    }
-    b->undo[b->n_undo++] = (undo_t){key_copy, key_len, found ? old : NULL, old_len};
+    if (rc != 0) return fail(b, "store", key, key_len, why);
     b->changed = 1;
     return 0;
 }
@@ -612,6 +610,9 @@ static void fence_cleanup(void *data) {
     (void)data;
     if (amesh_writer_fence(FENCE_WAIT_MS) != AMESH_OK)
         amesh_log_error("exit fence: writes still in flight after %d ms", FENCE_WAIT_MS);
+    else /* one line per exiting writer: operators (and tests) see the fence closed */
+        fprintf(stderr, "amesh: exit fence closed in process %d: no more writes\n",
+                (int)getpid());
 }
 
 /* The fence runs from a cleanup of the worker's cycle pool: ngx_worker_process_exit()
@@ -660,11 +661,12 @@ void amesh_writer_status(char *buf, size_t len) {
     pthread_mutex_lock(&version_lock);
     snprintf(buf, len,
              "{\"running\":%s,\"batches_applied\":%llu,\"batches_failed\":%llu,\"stores\":%llu,"
-             "\"version\":\"%s\",\"dict_capacity\":%zu,\"fence\":\"%s\",\"stopping\":%s}",
+             "\"version\":\"%s\",\"dict_capacity\":%zu,\"fence\":\"%s\",\"stopping\":%s,"
+             "\"pid\":%d}",
              atomic_load(&running) ? "true" : "false",
              (unsigned long long)atomic_load(&batches_applied),
              (unsigned long long)atomic_load(&batches_failed),
              (unsigned long long)atomic_load(&stores), version_text, amesh_dict_capacity_get(),
-             fence_kind, atomic_load(&stopping) ? "true" : "false");
+             fence_kind, atomic_load(&stopping) ? "true" : "false", (int)getpid());
     pthread_mutex_unlock(&version_lock);
 }
