@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import orjson
-from google.protobuf import json_format
 
 from amesh_ext.agent import Agent
 from amesh_ext.config import parse_start_config
 from amesh_ext.native import MemoryQueue
-from amesh_ext.resources import TYPE_ORDER, Resource, message_class
+from amesh_ext.resources import TYPE_ORDER
+from amesh_ext.sources.file import parse_resource
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # `peers` when run as a script
@@ -39,31 +39,15 @@ def load_istiod(corpus_dir: Path) -> dict[str, dict]:
     return {f: json.loads((corpus_dir / f).read_text()) for f in TYPE_FILES.values()}
 
 
-def _import_any_types(doc: object) -> None:
-    """Import the protobuf module of every `@type` inside a JSON resource (json_format
-    needs them registered; istiod uses more than amesh_ext.resources loads)."""
-    from peers.dump_xds import message_class as any_class
-
-    if isinstance(doc, dict):
-        if isinstance(doc.get("@type"), str):
-            any_class(doc["@type"].rsplit("/", 1)[-1])
-        for value in doc.values():
-            _import_any_types(value)
-    elif isinstance(doc, list):
-        for value in doc:
-            _import_any_types(value)
-
-
 def translate_documents(docs: dict[str, dict], translate: dict | None = None) -> Agent:
     """An Agent fed every resource of the documents, in Envoy's push order; raises if the
     agent rejects any (a golden corpus must translate)."""
     config = parse_start_config(json.dumps({"source": "file:///dev/null",
                                             "translate": translate or {}}))
     agent = Agent(config, MemoryQueue())
-    _import_any_types(docs)
     for type_url in TYPE_ORDER:
-        cls = message_class(type_url)
-        resources = [Resource.from_message(type_url, json_format.ParseDict(d, cls()))
+        # The file source's parser: istiod's JSON as a file:// source would read it.
+        resources = [parse_resource({"@type": type_url, **d}, TYPE_FILES[type_url])[0]
                      for d in docs[TYPE_FILES[type_url]]["resources"]]
         rejected = agent.apply(type_url, resources, ())
         if rejected:

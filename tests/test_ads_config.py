@@ -219,3 +219,20 @@ def test_nack_message_names_everything_within_bounds() -> None:
     many = {f"cluster-{i:05d}": "x" * 500 for i in range(100)}
     text = nack_message(many)
     assert len(text) <= MAX_DETAIL and "cluster-00000" in text and text.endswith("more")
+
+
+def test_node_locality_as_pilot_agent_sets_it() -> None:
+    """istiod gives failover endpoints priorities relative to Node.locality."""
+    env = {"ISTIO_METAJSON_LABELS": '{"app": "api", "istio-locality": "region1.zone1.sub1"}'}
+    node = identity_from(NODE, env).to_proto()
+    assert (node.locality.region, node.locality.zone, node.locality.sub_zone) == (
+        "region1", "zone1", "sub1")
+    node = identity_from({**NODE, "locality": "us-east/us-east-1a"}, env).to_proto()
+    assert (node.locality.region, node.locality.zone, node.locality.sub_zone) == (
+        "us-east", "us-east-1a", "")
+    node = identity_from({**NODE, "locality": {"region": "r", "sub_zone": "s"}}, {})
+    assert dict(node.locality) == {"region": "r", "sub_zone": "s"}
+    assert not identity_from(NODE, {}).to_proto().HasField("locality")
+    for bad in ("a/b/c/d", {"region": 1}, {"city": "x"}, 7):
+        with pytest.raises(ValueError, match=r"xds\.node\.locality"):
+            identity_from({**NODE, "locality": bad}, {}, "xds.node")

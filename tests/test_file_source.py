@@ -97,3 +97,96 @@ def test_missing_path_is_an_error_not_a_crash(tmp_path: Path) -> None:
     src = FileSource(str(tmp_path / "nope"), rec)
     src.load_once()
     assert "no .json/.yaml/.yml file found" in src.status()["errors"][0]
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "istiod"
+
+
+def _istio_proxy_listener() -> dict:
+    """istiod's 17080 listener as istio-proxy gets it: with Istio's own stats filter, an
+    access log, RBAC (types amesh never imports or that no xds-protos has)."""
+    listener = json.loads((GOLDEN / "features" / "listeners.json").read_text())["resources"][0]
+    listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][:0] = [
+        {"name": "istio.stats", "typed_config": {
+            "@type": "type.googleapis.com/stats.PluginConfig", "disable_host_header_fallback":
+            True}},
+        {"name": "envoy.filters.http.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"}}]
+    hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": "/dev/stdout"}}]
+    return listener
+
+
+def test_istio_proxy_json_with_unknown_typed_configs_loads(tmp_path: Path) -> None:
+    from amesh_ext.translate import TranslateOptions, translate_listener
+
+    (tmp_path / "lds.json").write_text(json.dumps(_istio_proxy_listener()))
+    got: list = []
+
+    class Keep(Recorder):
+        def apply(self, type_url, upserts, removed):
+            got.extend(r for r in upserts if type_url == LISTENER)
+            return super().apply(type_url, upserts, removed)
+
+    src = FileSource(str(tmp_path), Keep())
+    assert src.load_once()
+    assert src.status()["errors"] == []
+    assert src.status()["opaque_types"] == ["type.googleapis.com/stats.PluginConfig"]
+    (listener,) = got
+    lt = translate_listener(listener.message(), TranslateOptions())
+    # The routes keep their listener's port (a rejected listener lost it).
+    assert lt.route_config_ports == {"17080": 17080}
+    skipped = {s.detail for s in lt.translation.skipped if s.feature == "http_filter"}
+    assert "HTTP filter 'istio.stats' is not translated" in skipped
+    hcm_any = listener.message().filter_chains[0].filters[0].typed_config
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+
+    hcm = hcm_pb2.HttpConnectionManager()
+    assert hcm_any.Unpack(hcm)
+    # Carried opaquely: the original type URL, its fields as bytes.
+    assert hcm.http_filters[0].typed_config.type_url == "type.googleapis.com/stats.PluginConfig"
+
+
+def _dump(corpus: str) -> dict:
+    """An Envoy admin /config_dump (istioctl proxy-config all -o json) of a golden corpus."""
+    docs = {f: json.loads((GOLDEN / corpus / f).read_text())["resources"]
+            for f in ("clusters.json", "endpoints.json", "listeners.json", "routes.json")}
+    admin = "type.googleapis.com/envoy.admin.v3."
+    static = _cluster("xds-grpc")
+    return {"configs": [
+        {"@type": admin + "BootstrapConfigDump", "bootstrap": {"node": {"id": "x"}}},
+        {"@type": admin + "ClustersConfigDump", "version_info": "v1",
+         "static_clusters": [{"cluster": static}],
+         "dynamic_active_clusters": [
+             {"version_info": "v1", "cluster": {"@type": CLUSTER, **c},
+              "last_updated": "2026-01-01T00:00:00Z"} for c in docs["clusters.json"]],
+         "dynamic_warming_clusters": [{"cluster": _cluster("warming")}]},
+        {"@type": admin + "EndpointsConfigDump", "dynamic_endpoint_configs": [
+            {"endpoint_config": {"@type": ENDPOINTS, **e}} for e in docs["endpoints.json"]]},
+        {"@type": admin + "ListenersConfigDump", "dynamic_listeners": [
+            {"name": ln["name"], "active_state": {"listener": {"@type": LISTENER, **ln}}}
+            for ln in docs["listeners.json"]]},
+        {"@type": admin + "RoutesConfigDump", "dynamic_route_configs": [
+            {"route_config": {"@type": ROUTES, **r}} for r in docs["routes.json"]]},
+        {"@type": admin + "SecretsConfigDump"},
+    ]}
+
+
+def test_envoy_config_dump_is_read_unchanged(tmp_path: Path) -> None:
+    dump = _dump("features")
+    (tmp_path / "config_dump.json").write_text(json.dumps(dump))
+    rec = Recorder()
+    src = FileSource(str(tmp_path), rec)
+    assert src.load_once()
+    assert src.status()["errors"] == []
+    want = {t: sorted(r.get("name") or r.get("cluster_name") for r in json.loads(
+        (GOLDEN / "features" / f).read_text())["resources"])
+        for t, f in ((CLUSTER, "clusters.json"), (ENDPOINTS, "endpoints.json"),
+                     (LISTENER, "listeners.json"), (ROUTES, "routes.json"))}
+    for type_url, names in want.items():
+        assert rec.last(type_url) == (names, set())  # no static or warming resources

@@ -1,7 +1,10 @@
 """file://PATH: a file or a folder of Envoy resources, reloaded when it changes.
 
 Like Envoy's path-based config sources, a file holds Envoy's JSON/YAML forms: single
-resources with "@type", lists of them, or whole DiscoveryResponses ({"resources": [...]}).
+resources with "@type", lists of them, whole DiscoveryResponses ({"resources": [...]}), or
+an Envoy admin `/config_dump` (also `istioctl proxy-config all -o json`), whose dynamic
+resources are read as they are (static ones are the proxy's own bootstrap plumbing).
+Typed configs of any type are accepted (typed_json.py): unknown ones are carried opaquely.
 A file that cannot be read or parsed keeps its last good resources; a bad resource is
 rejected alone (logged, listed in status) and everything else is applied.
 """
@@ -19,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..resources import TYPE_ORDER, Resource, ResourceError, parse_json_resource
+from . import typed_json
 from .base import ResourceHandler
 
 log = logging.getLogger("amesh.file")
@@ -33,11 +37,39 @@ def _documents(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(text) if doc is not None]
 
 
+# envoy.admin.v3 *ConfigDump: (list field, the resource inside each entry). Listeners sit
+# under active_state (warming ones are not serving yet).
+_DUMP_SECTIONS = {
+    "ClustersConfigDump": ("dynamic_active_clusters", ("cluster",)),
+    "EndpointsConfigDump": ("dynamic_endpoint_configs", ("endpoint_config",)),
+    "ListenersConfigDump": ("dynamic_listeners", ("active_state", "listener")),
+    "RoutesConfigDump": ("dynamic_route_configs", ("route_config",)),
+}
+
+
+def _dump_resources(configs: list) -> Iterator[Any]:
+    """The dynamic resources of an Envoy /config_dump's `configs`."""
+    for section in configs:
+        if not isinstance(section, dict):
+            continue
+        kind = str(section.get("@type", "")).rsplit(".", 1)[-1]
+        if kind not in _DUMP_SECTIONS:
+            continue  # bootstrap, secrets, scoped routes, ECDS: not mesh resources
+        list_field, path = _DUMP_SECTIONS[kind]
+        for entry in section.get(list_field) or []:
+            for step in path:
+                entry = entry.get(step) if isinstance(entry, dict) else None
+            if entry is not None:
+                yield entry
+
+
 def _resource_objects(doc: Any) -> Iterator[Any]:
     """The resources in one document, whatever its form."""
     if isinstance(doc, list):
         for item in doc:
             yield from _resource_objects(item)
+    elif isinstance(doc, dict) and "@type" not in doc and isinstance(doc.get("configs"), list):
+        yield from _dump_resources(doc["configs"])
     elif isinstance(doc, dict) and "@type" not in doc and "resources" in doc:
         resources = doc["resources"]
         yield from resources if isinstance(resources, list) else [resources]
@@ -45,18 +77,35 @@ def _resource_objects(doc: Any) -> Iterator[Any]:
         yield doc
 
 
-def load_file(path: Path) -> tuple[list[Resource], list[ResourceError]]:
-    """Resources of one file and the errors of the ones that were rejected.
-    Raises OSError/ValueError when the file as a whole cannot be read or parsed."""
+def parse_resource(obj: Any, where: str) -> tuple[Resource, list[str]]:
+    """One resource from its JSON form, and the type URLs of the typed configs inside it
+    that are carried opaquely (no descriptor for them in xds-protos)."""
+    prepared, opaque = typed_json.prepare(obj)
+    res = parse_json_resource(prepared, where)
+    if opaque:
+        msg = res.message()
+        typed_json.restore_opaque(msg)
+        res = Resource.from_message(res.type_url, msg)
+    return res, opaque
+
+
+def load_file(path: Path) -> tuple[list[Resource], list[ResourceError], set[str]]:
+    """Resources of one file, the errors of the ones that were rejected, and the type URLs
+    carried opaquely. Raises OSError/ValueError when the file as a whole cannot be read or
+    parsed."""
     resources: list[Resource] = []
     errors: list[ResourceError] = []
+    opaque: set[str] = set()
     for d, doc in enumerate(_documents(path)):
         for i, obj in enumerate(_resource_objects(doc)):
             try:
-                resources.append(parse_json_resource(obj, f"{path} (document {d}, item {i})"))
+                res, types = parse_resource(obj, f"{path} (document {d}, item {i})")
             except ResourceError as exc:
                 errors.append(exc)
-    return resources, errors
+                continue
+            resources.append(res)
+            opaque.update(types)
+    return resources, errors, opaque
 
 
 class FileSource:
@@ -72,7 +121,7 @@ class FileSource:
         self._status: dict[str, Any] = {
             "kind": "file", "path": str(self._root), "connected": False, "loads": 0,
             "last_load": None,
-            "files": 0, "errors": [], "rejected": {},
+            "files": 0, "errors": [], "rejected": {}, "opaque_types": [],
         }
 
     def _files(self) -> list[Path]:
@@ -102,16 +151,21 @@ class FileSource:
         if not files:
             errors.append(f"{self._root}: no {'/'.join(SUFFIXES)} file found")
         by_file: dict[Path, list[Resource]] = {}
+        opaque: set[str] = set()
         for path in files:
             try:
-                resources, bad = load_file(path)
+                resources, bad, types = load_file(path)
                 by_file[path] = resources
+                opaque |= types
                 errors += [str(e) for e in bad]
                 bad_names |= {(e.type_url, e.name) for e in bad if e.name}
             except (OSError, ValueError, yaml.YAMLError) as exc:
                 errors.append(f"{path}: cannot load, keeping its last good resources: {exc}")
                 by_file[path] = self._by_file.get(path, [])
         self._by_file = by_file
+        with self._lock:
+            # Typed configs without a descriptor, kept as bytes (what ADS delivers anyway).
+            self._status["opaque_types"] = sorted(opaque)
         self._apply(by_file, errors, bad_names)
         return True
 

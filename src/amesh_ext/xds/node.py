@@ -6,6 +6,12 @@ istiod reads only the first request's Node. It parses `id` as
 comma-separated string. pilot-agent fills identity from POD_NAME / POD_NAMESPACE /
 INSTANCE_IP and copies every ISTIO_META_<KEY> env var into metadata (ISTIO_METAJSON_<KEY>
 holds JSON); explicit configuration wins over the environment here.
+
+Locality: istiod orders a DestinationRule's failover endpoints into priorities relative to
+the proxy's locality, which it takes from its registry or, failing that, from Node.locality.
+pilot-agent sets Node.locality from the `istio-locality` label (`region.zone.subzone`), else
+from the platform; here an explicit `locality` ("region/zone/subzone" or a mapping with
+region, zone, sub_zone) comes first, then that label.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ _STRING_FIELDS = {
     "interception_mode": ("INTERCEPTION_MODE", None),
 }
 FIELDS = frozenset(
-    {"id", "pod_name", "namespace", "ip", "instance_ips", "metadata", "labels", "dns_domain"}
+    {"id", "pod_name", "namespace", "ip", "instance_ips", "metadata", "labels", "dns_domain",
+     "locality"}
     | set(_STRING_FIELDS)
 )
+LOCALITY_LABEL = "istio-locality"  # Istio's model.LocalityLabel
+LOCALITY_KEYS = ("region", "zone", "sub_zone")
 
 
 @dataclass(frozen=True)
@@ -44,11 +53,28 @@ class NodeIdentity:
     namespace: str
     ip: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    locality: Mapping[str, str] = field(default_factory=dict)  # region, zone, sub_zone
 
     def to_proto(self) -> Node:
         node = Node(id=self.id, user_agent_name=USER_AGENT)
         node.metadata.update(dict(self.metadata))
+        for key, value in self.locality.items():
+            setattr(node.locality, key, value)
         return node
+
+
+def _locality(value: Any, where: str) -> dict[str, str]:
+    """{region, zone, sub_zone} (empty parts left out) from "r/z/s" or a mapping."""
+    if isinstance(value, str):
+        parts = value.split("/")
+        if len(parts) > 3:
+            raise ValueError(f"{where}: expected region/zone/subzone, got {value!r}")
+        value = dict(zip(LOCALITY_KEYS, parts, strict=False))
+    if not isinstance(value, Mapping) or not set(value) <= set(LOCALITY_KEYS) or not all(
+            isinstance(v, str) for v in value.values()):
+        raise ValueError(f"{where}: a 'region/zone/subzone' string or a mapping of "
+                         f"{list(LOCALITY_KEYS)} to strings, got {value!r}")
+    return {k: v for k, v in value.items() if v}
 
 
 def sidecar_id(ip: str, pod_name: str, namespace: str, dns_domain: str = "cluster.local") -> str:
@@ -110,6 +136,14 @@ def identity_from(
         _check_ip(one, f"{where}.instance_ips[{i}]")
 
     metadata.update(NAMESPACE=namespace, LABELS=dict(labels), INSTANCE_IPS=",".join(ips))
+    if "locality" in conf:
+        locality = _locality(conf["locality"], f"{where}.locality")
+    elif LOCALITY_LABEL in labels:
+        # The label cannot hold '/': pilot-agent reads '.' as the separator.
+        locality = _locality(labels[LOCALITY_LABEL].replace(".", "/"),
+                             f"{where}.labels[{LOCALITY_LABEL!r}]")
+    else:
+        locality = {}
     defaults = {"cluster_id": "Kubernetes", "interception_mode": "NONE"}
     for key, (meta_key, env_key) in _STRING_FIELDS.items():
         meta_value = metadata.get(meta_key)
@@ -130,7 +164,7 @@ def identity_from(
         Node().metadata.update(metadata)  # a protobuf Struct holds only JSON values
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}.metadata: not JSON-representable: {exc}") from exc
-    return NodeIdentity(node_id, namespace, ip, metadata)
+    return NodeIdentity(node_id, namespace, ip, metadata, locality)
 
 
 def _env_metadata(env: Mapping[str, str], where: str) -> dict[str, Any]:
