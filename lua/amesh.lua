@@ -168,8 +168,8 @@ local function rollback_step(dict)
         batch.reported = true
         counters.batches_failed = counters.batches_failed + 1
         counters.last_error = batch.error
-        log_error(batch.error, "; batch ", tostring(batch.id), " rolled back (",
-                  #keys, " keys), version kept")
+        log_error(batch.error, "; batch ", tostring(batch.id), " rolled back, version kept (",
+                  #keys, " keys restored)")
         report(batch.id, -1, batch.error)
     end
     return true
@@ -208,6 +208,14 @@ local function apply_change(dict, key, value)
     if old == value then
         return
     end
+    -- The undo entry goes first: a failed safe_set of a larger value has already freed the
+    -- old one (lua-nginx-module removes the node before it allocates the new one).
+    local n = #batch.undo_keys + 1
+    batch.undo_keys[n] = key
+    if old == nil then
+        old = false
+    end
+    batch.undo_vals[n] = old
     local ok, err = store(dict, key, value)
     if not ok then
         return refuse_batch(err, key)
@@ -217,12 +225,6 @@ local function apply_change(dict, key, value)
     else
         counters.sets = counters.sets + 1
     end
-    local n = #batch.undo_keys + 1
-    batch.undo_keys[n] = key
-    if old == nil then
-        old = false
-    end
-    batch.undo_vals[n] = old
     batch.changed = true
 end
 

@@ -65,3 +65,19 @@ def test_library_exports_the_header_functions() -> None:
     assert names <= exported, names - exported
     # Nothing else leaks out of the library (hidden visibility).
     assert {n for n in exported if not n.startswith("_")} == names
+
+
+def test_protocol_keys_agree_in_header_python_and_lua() -> None:
+    """docs/dict-protocol.md's keys and sizes: one definition (amesh.h), two copies."""
+    from amesh_ext import protocol
+
+    header = _strip_comments((ROOT / "include" / "amesh.h").read_text())
+    names = r"KEY_\w+|INDEX_BUCKETS|LOG_SLOTS"
+    defined = dict(re.findall(rf'#define AMESH_({names})\s+"?([^"\s]+)"?', header))
+    assert {"KEY_SENTINEL", "KEY_INDEX_PREFIX", "INDEX_BUCKETS", "KEY_LOG_HEAD",
+            "KEY_LOG_PREFIX", "LOG_SLOTS", "KEY_VERSION", "KEY_STATUS"} <= defined.keys()
+    lua = (ROOT / "lua" / "amesh" / "abi.lua").read_text()
+    lua_values = dict(re.findall(r'(\w+) = "?([^",\s]+)"?,', lua))
+    for name, value in defined.items():
+        assert str(getattr(protocol, name)) == value, f"python {name}"
+        assert lua_values.get(name) == value, f"lua {name}"

@@ -134,7 +134,7 @@ def test_refused_batch_triggers_full_resync_after_backoff() -> None:
 
 
 def test_lost_failure_report_resyncs() -> None:
-    sink, queue = _sink()
+    sink, _ = _sink()
     sink.put("/routes/a", b"1")
     sink.flush(now=0)
     sink.on_report(0, -1, "a failure report was lost", now=0)
@@ -146,9 +146,8 @@ def test_full_batch_reconciles_whatever_a_crashed_run_left() -> None:
     leaves exactly its own keys, because the index already listed the dead run's keys."""
     rng = random.Random(7)
     for trial in range(30):
-        old, _ = _sink()
         dead = MemoryQueue()
-        old._queue = dead
+        old = DictSink(dead)
         for i in range(rng.randint(1, 60)):
             old.put(f"/upstreams/u{i}", b"x")
         old.flush()

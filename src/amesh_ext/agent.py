@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -55,6 +56,10 @@ def _eds_name(cluster: Any) -> str | None:
     return None
 
 
+class ObjectTooLarge(ValueError):
+    """An APISIX object larger than the dict could ever hold."""
+
+
 class Agent:
     def __init__(self, config: StartConfig, queue: ChangeQueue) -> None:
         translate = dict(config.translate)
@@ -73,8 +78,9 @@ class Agent:
         self._resources: dict[str, dict[str, Resource]] = {
             CLUSTER: {}, ENDPOINTS: {}, LISTENER: {}, ROUTES: {},
         }
-        self._unit_keys: dict[Unit, dict[str, bytes]] = {}
-        self._key_owner: dict[str, Unit] = {}
+        self._unit_wanted: dict[Unit, dict[str, bytes]] = {}  # a unit's objects, encoded
+        self._key_owner: dict[str, Unit] = {}  # who has each key in the dict
+        self._contenders: dict[str, set[Unit]] = {}  # units that lost a collision on a key
         self._unit_skips: dict[Unit, list[tr.Skip]] = {}
         self._logged_features: set[str] = set()
         self._eds_users: dict[str, set[str]] = {}  # EDS name -> clusters reading it
@@ -129,8 +135,14 @@ class Agent:
                     self._release_decoded()
             for name in removed:
                 if name in store:
-                    self._remove(type_url, name)
-                    self._release_decoded()
+                    try:
+                        self._remove(type_url, name)
+                    except Exception:
+                        # The resource is gone either way; what depended on it keeps its
+                        # last good translation (a translator bug must not escape apply).
+                        log.exception("removing %s %r", SHORT_NAMES[type_url], name)
+                    finally:
+                        self._release_decoded()
                 self._rejected[type_url].pop(name, None)
             now = time.monotonic()
             self._last_apply = now
@@ -141,6 +153,12 @@ class Agent:
                 self._flush(now)
             return rejected
 
+    def note_rejected(self, type_url: str, rejected: dict[str, str]) -> None:
+        with self._lock:
+            store = self._rejected.get(type_url)
+            if store is not None:
+                store.update(rejected)
+
     # -- per type --------------------------------------------------------------------------
     def _upsert(self, type_url: str, res: Resource) -> None:
         msg = self._decode(res)
@@ -149,27 +167,31 @@ class Agent:
             assignment = self._assignment(eds)
             translation = tr.translate_cluster(
                 msg, assignment, self._hash_for(res.name), self._options)
+            encoded = self._encode(("cluster", res.name), translation)
             self._resources[CLUSTER][res.name] = res
             self._link_eds(res.name, eds)
-            self._set_unit(("cluster", res.name), translation)
+            self._commit_unit(("cluster", res.name), encoded, translation)
         elif type_url == ENDPOINTS:
             users = sorted(self._eds_users.get(res.name, ()))
-            pending = {c: self._translate_cluster(c, msg) for c in users}  # all or nothing
-            self._resources[ENDPOINTS][res.name] = res
-            for cluster, translation in pending.items():
-                self._set_unit(("cluster", cluster), translation)
+            translations = {c: self._translate_cluster(c, msg) for c in users}
+            encoded = {c: self._encode(("cluster", c), t) for c, t in translations.items()}
+            self._resources[ENDPOINTS][res.name] = res  # all or nothing: nothing raises below
+            for cluster, translation in translations.items():
+                self._commit_unit(("cluster", cluster), encoded[cluster], translation)
         elif type_url == LISTENER:
             lt = tr.translate_listener(msg, self._options, tr.Clusters(self._cluster_nodes))
+            encoded = self._encode(("listener", res.name), lt.translation)
             self._resources[LISTENER][res.name] = res
             self._set_listener_ports(res.name, lt.route_config_ports)
-            self._set_unit(("listener", res.name), lt.translation)
+            self._commit_unit(("listener", res.name), encoded, lt.translation)
         else:
             port = self._route_port(res.name)
             translation = self._route_translator(res.name).translate(
                 msg, port, self._options, self._cluster_nodes)
             hashes = tr.route_hash_policies(msg)
+            encoded = self._encode(("routes", res.name), translation)
             self._resources[ROUTES][res.name] = res
-            self._set_unit(("routes", res.name), translation)
+            self._commit_unit(("routes", res.name), encoded, translation)
             self._set_route_hashes(res.name, hashes)
 
     def _remove(self, type_url: str, name: str) -> None:
@@ -205,11 +227,12 @@ class Agent:
         try:
             assignment = self._assignment(self._cluster_eds.get(name))
             translation = self._translate_cluster(name, assignment)
-        except (tr.InvalidResource, ValueError) as exc:
+        except Exception as exc:
             # The cluster itself was accepted; keep its last good upstream.
-            log.error("cluster %r kept at its last good upstream: %s", name, exc)
+            log.error("cluster %r kept at its last good upstream: %s", name, exc,
+                      exc_info=not isinstance(exc, (tr.InvalidResource, ValueError)))
             return
-        self._set_unit(("cluster", name), translation)
+        self._set_unit_or_keep(("cluster", name), translation)
 
     def _link_eds(self, cluster: str, eds: str | None) -> None:
         old = self._cluster_eds.pop(cluster, None)
@@ -247,19 +270,21 @@ class Agent:
         try:
             translation = self._route_translator(name).translate(
                 msg, self._route_port(name), self._options, self._cluster_nodes)
-        except (tr.InvalidResource, ValueError) as exc:
-            log.error("route configuration %r kept at its last good routes: %s", name, exc)
+        except Exception as exc:
+            log.error("route configuration %r kept at its last good routes: %s", name, exc,
+                      exc_info=not isinstance(exc, (tr.InvalidResource, ValueError)))
             return
-        self._set_unit(("routes", name), translation)
+        self._set_unit_or_keep(("routes", name), translation)
 
     def _retranslate_listener(self, name: str) -> None:
         msg = self._decode(self._resources[LISTENER][name])
         try:
             lt = tr.translate_listener(msg, self._options, tr.Clusters(self._cluster_nodes))
-        except (tr.InvalidResource, ValueError) as exc:
-            log.error("listener %r kept at its last good objects: %s", name, exc)
+        except Exception as exc:
+            log.error("listener %r kept at its last good objects: %s", name, exc,
+                      exc_info=not isinstance(exc, (tr.InvalidResource, ValueError)))
             return
-        self._set_unit(("listener", name), lt.translation)
+        self._set_unit_or_keep(("listener", name), lt.translation)
 
     def _cluster_changed(self, name: str, translation: tr.Translation | None) -> None:
         """Record whether cluster `name` exists and its mirror node; re-translate the route
@@ -318,36 +343,88 @@ class Agent:
                 self._retranslate_cluster(cluster)
 
     # -- units -> sink ---------------------------------------------------------------------
+    def _encode(self, unit: Unit, translation: tr.Translation | None) -> dict[str, bytes]:
+        """A unit's objects as the bytes the dict gets. Raises ObjectTooLarge for an object
+        that could never fit the dict: its resource is rejected alone (nothing changed)."""
+        if translation is None:
+            return {}
+        limit = self._max_object_bytes()
+        encoded: dict[str, bytes] = {}
+        for key, obj in translation.objects.items():
+            # Pieces reused by route_pieces arrive already encoded.
+            value = obj if isinstance(obj, bytes) else to_json(obj)
+            if limit and len(value) > limit:
+                raise ObjectTooLarge(
+                    f"{key} would take {len(value)} bytes; the dict takes objects up to "
+                    f"{limit} bytes (limits.max_object_bytes, or a quarter of the dict)")
+            encoded[key] = value
+        return encoded
+
+    def _max_object_bytes(self) -> int:
+        configured = int(self._config.limit("max_object_bytes"))
+        if configured:
+            return configured
+        capacity = getattr(self._queue, "dict_capacity", lambda: 0)()
+        return capacity // 4
+
     def _set_unit(self, unit: Unit, translation: tr.Translation | None) -> None:
-        old = self._unit_keys.get(unit, {})
-        new: dict[str, bytes] = {}
+        self._commit_unit(unit, self._encode(unit, translation), translation)
+
+    def _set_unit_or_keep(self, unit: Unit, translation: tr.Translation) -> None:
+        """A join's re-translation: an object too large keeps the unit's last good keys."""
+        try:
+            encoded = self._encode(unit, translation)
+        except ObjectTooLarge as exc:
+            log.error("%s kept at its last good objects: %s", unit, exc)
+            return
+        self._commit_unit(unit, encoded, translation)
+
+    def _commit_unit(self, unit: Unit, wanted: dict[str, bytes],
+                     translation: tr.Translation | None) -> None:
+        old_wanted = self._unit_wanted.pop(unit, {})
+        if wanted:
+            self._unit_wanted[unit] = wanted
         if translation is not None:
-            for key, obj in translation.objects.items():
-                owner = self._key_owner.get(key)
-                if owner is not None and owner != unit:
-                    self.collisions[key] = f"{unit} collides with {owner}"
-                    log.error("key %s from %s collides with %s: kept the first", key, unit, owner)
-                    continue
-                # Pieces reused by route_pieces arrive already encoded.
-                new[key] = obj if isinstance(obj, bytes) else to_json(obj)
             self._record_skips(unit, translation.skipped)
         else:
             self._unit_skips.pop(unit, None)
-        for key in old.keys() - new.keys():
-            self._key_owner.pop(key, None)
-            self.collisions.pop(key, None)
-            self.sink.delete(key)
-        for key, value in new.items():
+        for key in sorted(old_wanted.keys() - wanted.keys()):
+            self._contenders.get(key, set()).discard(unit)
+            if self._key_owner.get(key) == unit:
+                self._release_key(key)
+        for key, value in wanted.items():
+            owner = self._key_owner.get(key)
+            if owner is not None and owner != unit:
+                self._contenders.setdefault(key, set()).add(unit)
+                self.collisions[key] = f"{unit} collides with {owner}"
+                log.error("key %s from %s collides with %s: kept the first", key, unit, owner)
+                continue
             self._key_owner[key] = unit
             self.sink.put(key, value)
-        if new:
-            self._unit_keys[unit] = new
-        else:
-            self._unit_keys.pop(unit, None)
         if unit[0] in ("routes", "listener"):
             self._set_deps(unit, translation.cluster_deps if translation is not None else {})
         elif unit[0] == "cluster":
             self._cluster_changed(unit[1], translation)
+
+    def _release_key(self, key: str) -> None:
+        """The owner no longer wants key: the first unit that lost a collision on it takes it
+        over (as if the winner had never been there), else it leaves the dict."""
+        del self._key_owner[key]
+        contenders = self._contenders.get(key)
+        while contenders:
+            unit = min(contenders)
+            contenders.discard(unit)
+            value = self._unit_wanted.get(unit, {}).get(key)
+            if value is not None:
+                self._key_owner[key] = unit
+                self.sink.put(key, value)
+                if not contenders:
+                    self._contenders.pop(key, None)
+                    self.collisions.pop(key, None)
+                return
+        self._contenders.pop(key, None)
+        self.collisions.pop(key, None)
+        self.sink.delete(key)
 
     def _record_skips(self, unit: Unit, skips: list[tr.Skip]) -> None:
         if skips:
@@ -425,6 +502,16 @@ class Agent:
     def attach_source(self, source: Source) -> None:
         self._source = source
 
+    def _not_ready_because(self, source: dict[str, Any]) -> str:
+        """Why the dict may not hold the source's whole current config ("" when it does)."""
+        if not source.get("complete", False):
+            return source.get("incomplete_because") or "the source has no complete config yet"
+        if not self._synced:
+            return "waiting for the first whole config"
+        if not self.sink.in_dict:
+            return "changes not yet applied to the dict"
+        return ""
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             skipped: dict[str, int] = {}
@@ -432,13 +519,24 @@ class Agent:
                 for skip in skips:
                     skipped[skip.feature] = skipped.get(skip.feature, 0) + 1
             source = self._source.status() if self._source is not None else {}
+            cap = int(self._config.limit("status_max_rejected"))
+            why_not = self._not_ready_because(source)
+            ready = not why_not
             return {
                 "source": source,
                 "connected": bool(source.get("connected")),
-                "synced": self._synced,
+                "first_sync_done": self._synced,
+                "synced": ready,  # kept for readers of earlier versions: same as "ready"
+                "ready": ready,
+                "not_ready_because": why_not,
                 "resources": {SHORT_NAMES[t]: len(v) for t, v in self._resources.items()},
                 "objects": len(self._key_owner),
-                "rejected": {SHORT_NAMES[t]: dict(v) for t, v in self._rejected.items() if v},
+                # The first few per type: a status must stay small (it shares a dict with
+                # APISIX's version key); the counts are whole.
+                "rejected": {SHORT_NAMES[t]: dict(itertools.islice(sorted(v.items()), cap))
+                             for t, v in self._rejected.items() if v},
+                "rejected_counts": {SHORT_NAMES[t]: len(v)
+                                    for t, v in self._rejected.items() if v},
                 "rejected_count": sum(len(v) for v in self._rejected.values()),
                 "skipped": skipped,
                 "collisions": dict(self.collisions),

@@ -123,7 +123,7 @@ class DictSink:
 
     def _index_images(self, buckets: set[int]) -> tuple[list[Change], list[Change]]:
         """Index writes around the data: a bucket that gains keys lists them before they are
-        written (old ∪ new); one that loses keys forgets them after they are deleted."""
+        written (old + new); one that loses keys forgets them after they are deleted."""
         pre: list[Change] = []
         post: list[Change] = []
         for b in sorted(buckets):

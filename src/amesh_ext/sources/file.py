@@ -214,5 +214,11 @@ class FileSource:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self._status)
+            status = dict(self._status)
+        # A path that does not exist is no config, not an empty one.
+        why = ("" if status["files"] else f"{self._root} has no readable config files"
+               if self._root.exists() else f"{self._root} does not exist")
+        if not status["loads"]:
+            why = "not read yet"
+        return {**status, "complete": not why, "incomplete_because": why}
 

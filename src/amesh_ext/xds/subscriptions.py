@@ -294,7 +294,8 @@ class Subscriptions:
                 return f"no {st.short} accepted yet"
             missing = [n for n in st.names if n not in st.held]
             if missing:
-                return f"{len(missing)} {st.short} resource(s) not received yet, e.g. {missing[0]!r}"
+                return (f"{len(missing)} {st.short} resource(s) not received yet,"
+                        f" e.g. {missing[0]!r}")
         return ""
 
     def _apply(
