@@ -21,12 +21,14 @@ from pathlib import Path
 import yaml
 
 import test_nginx_foundation as foundation
-from nginx import LIBRARY, PACKAGE_DIR, lua_long_string
+from nginx import PACKAGE_DIR, lua_long_string
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import synthetic_mesh  # noqa: E402
 
 USER = foundation.USER
+# The library under test; another build (say the one before a fix) can be pointed at.
+LIBXDS = Path(os.environ.get("AMESH_TEST_LIBXDS") or PACKAGE_DIR / "libxds.so")
 BIG_SERVICES = 8700  # ~20,000 keys (upstreams and routes) in one FULL batch
 
 # Test-only views of the dicts: a digest per key (values of 20,000 keys are too much to
@@ -85,7 +87,7 @@ def _stock(tmp_path: Path, make_nginx, source: Path, *, dict_size: str = "64m",
     libdir = tmp_path / name
     libdir.mkdir()
     os.chmod(libdir, 0o755)
-    (libdir / "libxds.so").symlink_to(PACKAGE_DIR / "libxds.so")
+    (libdir / "libxds.so").symlink_to(LIBXDS)
     n = make_nginx(init_worker=init_worker, init="", exit_worker="", user=USER,
                    cpath=f"{libdir}/?.so", dict_size=dict_size, extra_locations=LOCATIONS)
     n.amesh_json = libdir / "amesh.json"
@@ -138,11 +140,13 @@ def _mesh(tmp_path: Path, name: str, services: int, rename: str = "") -> Path:
 
 
 def _no_crash(n, killed: set[int] = frozenset()) -> None:
-    log = n.log_text()
-    crashes = [line for line in re.findall(r".*exited on signal.*", log)
-               if not any(f"process {pid} exited on signal 9" in line for pid in killed)]
-    assert crashes == []
-    assert not re.search(r"\[(alert|emerg|crit)\]", log), re.findall(r".*\[alert\].*", log)
+    """No worker died but the ones killed, and nginx raised no alert except about those
+    (its own notice that a killed worker held a zone's lock)."""
+    lines = [line for line in n.log_text().splitlines()
+             if not any(re.search(rf"\b{pid}\b", line) for pid in killed)]
+    bad = [line for line in lines
+           if "exited on signal" in line or re.search(r"\[(alert|emerg|crit)\]", line)]
+    assert bad == []
 
 
 def _diff(actual: dict[str, str], expected: dict[str, str]) -> dict[str, list[str]]:
@@ -284,8 +288,9 @@ def test_reloads_while_the_writer_writes_fence_every_old_writer(tmp_path, make_n
     n.wait_for(lambda: not set(writers) & set(n.worker_pids()), timeout=20,
                what="old workers gone")
     log = n.log_text()
-    for pid in writers:
-        assert f"exit fence closed in process {pid}" in log, pid
+    fenced = dict(re.findall(r"exit fence closed in process (\d+): .*open batch (\d+)", log))
+    assert set(fenced) >= {str(pid) for pid in writers}
+    assert any(batch != "0" for batch in fenced.values())  # one at least cut a batch
     assert "still in flight" not in log
     actual = _digest(n)
     assert actual == expected, _diff(actual, expected)
@@ -359,7 +364,7 @@ def test_report_ring_keeps_failures_and_never_raises_on_text() -> None:
     """The ring drops successes first; with only failures left it returns one synthetic
     failure (batch 0) so the agent resyncs; a message cut inside a UTF-8 character or not
     UTF-8 at all is read without raising. dict_capacity() returns what the consumer told."""
-    proc = subprocess.run([sys.executable, "-c", REPORTS_DRIVER, str(LIBRARY)],
+    proc = subprocess.run([sys.executable, "-c", REPORTS_DRIVER, str(LIBXDS)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -47,6 +47,7 @@ static volatile sig_atomic_t *ngx_quit_p, *ngx_terminate_p;
 static volatile uintptr_t *ngx_exiting_p;
 static atomic_int stopping, in_flight, running;
 static atomic_ullong batches_applied, batches_failed, stores;
+static atomic_ullong open_batch; /* the batch between BEGIN and COMMIT, 0 if none */
 static const char *fence_kind = "none";
 static pthread_mutex_t version_lock = PTHREAD_MUTEX_INITIALIZER; /* version_text vs status */
 static char version_text[32];
@@ -533,9 +534,11 @@ static void *writer_main(void *arg) {
                 batch_reset(&b);
                 b.id = c->batch;
                 b.flags = c->flags;
+                atomic_store(&open_batch, b.id);
                 if (is_full(&b)) read_old_index(&b);
             } else if (c->op == AMESH_OP_COMMIT) {
                 commit(&b);
+                atomic_store(&open_batch, 0);
                 batch_reset(&b); /* free the undo copies at once */
             } else {
                 apply(&b, c);
@@ -611,8 +614,8 @@ static void fence_cleanup(void *data) {
     if (amesh_writer_fence(FENCE_WAIT_MS) != AMESH_OK)
         amesh_log_error("exit fence: writes still in flight after %d ms", FENCE_WAIT_MS);
     else /* one line per exiting writer: operators (and tests) see the fence closed */
-        fprintf(stderr, "amesh: exit fence closed in process %d: no more writes\n",
-                (int)getpid());
+        fprintf(stderr, "amesh: exit fence closed in process %d: no more writes (open batch "
+                "%llu)\n", (int)getpid(), (unsigned long long)atomic_load(&open_batch));
 }
 
 /* The fence runs from a cleanup of the worker's cycle pool: ngx_worker_process_exit()
