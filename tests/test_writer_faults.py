@@ -24,7 +24,7 @@ import test_nginx_foundation as foundation
 from nginx import PACKAGE_DIR, lua_long_string
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import synthetic_mesh  # noqa: E402
+import synthetic_mesh
 
 USER = foundation.USER
 # The library under test; another build (say the one before a fix) can be pointed at.
@@ -160,8 +160,8 @@ def test_kill_mid_full_batch_then_a_reduced_config_converges_exactly(tmp_path,
                                                                       make_nginx) -> None:
     """Run 1 lands mesh A. Run 2's FULL batch (mesh B, ~20,000 keys, none of A's) is cut by
     kill -9 halfway: the dict then holds A, part of B, and an index listing both (each
-    index SET was stored as old ∪ new before the data). Run 3 (mesh C, 50 services) must
-    leave exactly C: every key of A and of B's prefix reconciled away through the index."""
+    index SET was stored as the union of old and new lists, before the data). Run 3 (mesh
+    C, 50 services) must leave exactly C: A and B's prefix reconciled away via the index."""
     mesh_a = _mesh(tmp_path, "a", 100, rename="old-")
     mesh_b = _mesh(tmp_path, "b", BIG_SERVICES)
     mesh_c = _mesh(tmp_path, "c", 50)
@@ -205,14 +205,9 @@ def test_refused_batch_leaves_the_dict_as_it_was_key_by_key(tmp_path, make_nginx
     before, version = _digest(n, log=True), n.version()
     n.get("/fill")
     filled = {k for k in _digest(n, log=True) if k.startswith("filler:")}
-    big = {"resources": [{
-        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-        "name": f"big-{i}-" + "x" * 200, "type": "STATIC",
-        "load_assignment": {"cluster_name": f"big-{i}", "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": f"127.0.2.{j}",
-                                                         "port_value": 80}}}}
-            for j in range(1, 60)]}]}} for i in range(40)]}
-    foundation._write_yaml_atomic(mesh / "big.yaml", big)
+    big = _mesh(tmp_path, "big", 40, rename="big-")  # 48 clusters that cannot fit now
+    for name in ("clusters.json", "endpoints.json"):
+        os.replace(big / name, mesh / f"big-{name}")  # whole files: the source reads them
     # The delta batch, then at least one FULL resync (after a 1 s backoff), refused.
     status = n.wait_for(lambda: (s := _library_status(n))["writer"]["batches_failed"] >= 2 and s,
                         timeout=20, what="a refused batch and a refused FULL resync")
@@ -224,7 +219,7 @@ def test_refused_batch_leaves_the_dict_as_it_was_key_by_key(tmp_path, make_nginx
 
     n.get("/unfill")
     n.wait_for(lambda: sum(1 for o in n.objects().values()
-                           if str(o.get("name", "")).startswith("big-")) == 40,
+                           if "|big-" in str(o.get("name", ""))) == 48,
                timeout=30, what="the resync once the dict has room")
     assert n.version() != version
     _no_crash(n)
