@@ -205,9 +205,9 @@ def fault(cfg: dict, where: str = "route") -> dict:
 @pytest.mark.parametrize("cfg, conf", [
     ({"abort": {"http_status": 503, "percentage": {"numerator": 100000,
                                                    "denominator": "MILLION"}}},
-     {"abort": {"http_status": 503, "percentage": 10}}),
+     {"abort": {"http_status": 503, "percentage": 10, "body": "fault filter abort"}}),
     ({"abort": {"http_status": 503, "percentage": {"numerator": 100}}},
-     {"abort": {"http_status": 503, "percentage": 100}}),
+     {"abort": {"http_status": 503, "percentage": 100, "body": "fault filter abort"}}),
     ({"delay": {"fixed_delay": "0.5s", "percentage": {"numerator": 2500,
                                                        "denominator": "TEN_THOUSAND"}}},
      {"delay": {"duration": 0.5, "percentage": 25}}),

@@ -19,6 +19,7 @@ _CORS_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPoli
 _MIN_SAMPLE = 0.00001
 # gRPC status codes travel in a 200 response (trailers-only); fault-injection sets headers.
 _GRPC_CONTENT_TYPE = "application/grpc"
+_FAULT_ABORT_BODY = "fault filter abort"  # Envoy's fault filter (abort) response body
 
 
 def abort(status: int, body: str | None = None) -> dict:
@@ -105,7 +106,10 @@ def fault_injection(fault, where: str, skips: Skips) -> dict | None:
         if pct and kind == "http_status":
             if not 200 <= a.http_status < 600:
                 raise InvalidResource(f"{where}: fault abort status {a.http_status} invalid")
-            conf["abort"] = {"http_status": a.http_status, "percentage": pct}
+            # Envoy's local reply body for a fault abort; without one APISIX sends nginx's
+            # error page for the status.
+            conf["abort"] = {"http_status": a.http_status, "percentage": pct,
+                             "body": _FAULT_ABORT_BODY}
         elif pct and kind == "grpc_status":
             conf["abort"] = {"http_status": 200, "percentage": pct, "body": "",
                              "headers": {"grpc-status": str(a.grpc_status),
