@@ -65,13 +65,16 @@ class ProbeEnvoy(EnvoyPeer):
     """The probe node's identity and locality, so istiod generates what the goldens hold,
     with its `sds-grpc` cluster pointed at an SdsServer."""
 
-    def __init__(self, workdir: Path, xds_address: str, sds_address: str) -> None:
+    def __init__(self, workdir: Path, xds_address: str, sds_address: str,
+                 locality: dict[str, str] | None = None) -> None:
         super().__init__(workdir, xds_address, pod="amesh-probe", node_ip="127.0.0.1")
         self.sds_address = sds_address
+        self.locality = dict(CORPUS.locality if locality is None else locality)
 
     def bootstrap(self) -> dict:
         boot = super().bootstrap()
-        boot["node"]["locality"] = dict(CORPUS.locality)
+        if self.locality:
+            boot["node"]["locality"] = dict(self.locality)
         host, port = self.sds_address.rsplit(":", 1)
         for cluster in boot["static_resources"]["clusters"]:
             if cluster["name"] == "sds-grpc":
@@ -131,9 +134,10 @@ def mesh(tmp_path_factory, istiod_binary: Path) -> Iterator[tuple[Apisix, dict]]
 # --------------------------------------------------------------------------- observing
 
 
-def send(req: Request) -> Outcome:
-    """Envoy's decision for one request, as observed from outside."""
-    conn = http.client.HTTPConnection("127.0.0.1", req.port, timeout=10)
+def send(req: Request, address: str = "127.0.0.1") -> Outcome:
+    """A proxy's decision for one request (Envoy's listeners are on 127.0.0.1), as observed
+    from outside."""
+    conn = http.client.HTTPConnection(address, req.port, timeout=10)
     try:
         conn.putrequest(req.method, req.path, skip_host=True, skip_accept_encoding=True)
         conn.putheader("host", req.host)
@@ -269,19 +273,28 @@ def expected(apisix: Apisix, req: Request) -> list[tuple[Outcome, float]]:
     return apisix.decide_stream(req.port) if req.port == TCP else apisix.decide(req)
 
 
-def compare(req: Request, want: list[tuple[Outcome, float]]) -> str | None:
-    """None when Envoy agrees with amesh on `req`, else what differs."""
-    random = len(want) > 1
-    seen = [send(req) for _ in range(DRAWS if random else 1)]
+def draws(want: list[tuple[Outcome, float]]) -> int:
+    """How often to send a request whose expected outcomes are `want`."""
+    return DRAWS if len(want) > 1 else 1
+
+
+def compare_seen(seen: list[Outcome], want: list[tuple[Outcome, float]],
+                 who: str = "Envoy") -> str | None:
+    """None when the observed outcomes are what amesh's model expects, else what differs."""
     for got in seen:
         if not any(matches(got, o) for o, p in want if p > 0):
-            return f"Envoy {got} not among amesh's {want}"
-    if random:
+            return f"{who} {got} not among amesh's {want}"
+    if len(want) > 1:
         for outcome, p in want:
             share = sum(matches(got, outcome) for got in seen) / len(seen)
             if abs(share - p) > TOLERANCE:
-                return f"{outcome}: Envoy {share:.2f} of {len(seen)} draws, amesh {p:.2f}"
+                return f"{outcome}: {who} {share:.2f} of {len(seen)} draws, amesh {p:.2f}"
     return None
+
+
+def compare(req: Request, want: list[tuple[Outcome, float]]) -> str | None:
+    """None when Envoy agrees with amesh on `req`, else what differs."""
+    return compare_seen([send(req) for _ in range(draws(want))], want)
 
 
 def test_corpus_is_large_and_distinct() -> None:
