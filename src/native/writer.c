@@ -177,7 +177,7 @@ static int split_lines(const char *text, size_t len, char **copy, strvec_t *line
         if (nl) *nl = '\0';
         if (*line && strvec_push(lines, line) != 0) return -1;
     }
-    qsort(lines->v, lines->n, sizeof(char *), cmp_str);
+    if (lines->n) qsort(lines->v, lines->n, sizeof(char *), cmp_str);
     return 0;
 }
 
@@ -401,7 +401,7 @@ static void apply(batch_t *b, const amesh_change_t *c) {
 
 /* FULL, at COMMIT: delete the data keys only the old index lists. */
 static void delete_stale(batch_t *b) {
-    qsort(b->set_keys.v, b->set_keys.n, sizeof(char *), cmp_str);
+    if (b->set_keys.n) qsort(b->set_keys.v, b->set_keys.n, sizeof(char *), cmp_str);
     for (int i = 0; i < AMESH_INDEX_BUCKETS && !b->failed; i++) {
         bucket_t *bk = &b->buckets[i];
         if (bk->old == NULL) continue;
