@@ -1,0 +1,315 @@
+"""Stock APISIX 3.18 vs amesh's incremental config provider and router, fed by amesh.
+
+For each size and each provider (stock `config_xds` + `radixtree_host_uri`; amesh's
+`config_xds` + `radixtree_host_uri_incremental`), in one run: a Python ADS server
+(tests/xds_server.py, Delta) serves the synthetic mesh of bench/synthetic_mesh.py plus a
+probe service whose endpoints and route weights the bench flips between two local
+backends (answering "A" and "B"); real APISIX (2 workers) runs amesh's libxds.so as its
+writer. Measured:
+
+- full load: nginx start -> the probe service answers through APISIX;
+- one endpoint change (EDS push of one cluster) -> every worker routes by it, p50 / p99;
+- one route change (RDS push: the probe route's weights flip) -> every worker routes by it;
+- freeze: the largest lag of a 5 ms timer in any worker during a change;
+- CPU per change per worker: /proc CPU of the workers' event-loop threads over the change,
+  less the idle timers' and the probe requests' own cost (calibrated before);
+- dict bytes per service: capacity - free_space() of xds-config, over the services.
+
+Needs APISIX_HOME (see bench/apisix_run.py). Writes bench/results/apisix_incremental.json
+(stamped with the git SHA) and .png, and prints a table.
+
+    APISIX_HOME=/root/.cache/amesh/apisix /opt/amesh/venv/bin/python \
+        bench/bench_apisix_incremental.py --sizes 1000,3000,10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+from apisix_run import ApisixRun, apisix_home, thread_cpu_s  # noqa: E402
+from benchlib import work_dir, write_results  # noqa: E402
+from synthetic_mesh import T, cluster, cluster_names, endpoints, listener, virtual_host  # noqa: E402
+
+from amesh_ext.resources import (  # noqa: E402
+    CLUSTER,
+    ENDPOINTS,
+    LISTENER,
+    ROUTES,
+    parse_json_resource,
+)
+from xds_server import XdsTestServer  # noqa: E402
+
+NODE = {"pod_name": "amesh-0", "namespace": "ns", "ip": "127.0.0.1"}
+PROBE_HOST = "probe.ns.svc.cluster.local"
+PROBE_A = "outbound|80||probe-a.ns.svc.cluster.local"
+PROBE_B = "outbound|80||probe-b.ns.svc.cluster.local"
+
+
+def msg(obj: dict[str, Any]) -> Any:
+    return parse_json_resource(obj, "bench").message()
+
+
+def probe_endpoints(name: str, port: int) -> dict[str, Any]:
+    return {"@type": f"{T}.endpoint.v3.ClusterLoadAssignment", "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}]}]}
+
+
+def route_config(n: int, weight_a: int) -> dict[str, Any]:
+    probe = {"name": f"{PROBE_HOST}:80", "domains": [PROBE_HOST],
+             "routes": [{"name": "probe", "match": {"prefix": "/"}, "route": {
+                 "timeout": "0s", "weighted_clusters": {"clusters": [
+                     {"name": PROBE_A, "weight": weight_a},
+                     {"name": PROBE_B, "weight": 100 - weight_a}]}}}]}
+    return {"@type": f"{T}.route.v3.RouteConfiguration", "name": "80",
+            "ignore_port_in_host_matching": True,
+            "virtual_hosts": [virtual_host(i) for i in range(n)] + [probe]}
+
+
+class Mesh:
+    """The ADS server and the probe's state."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        names = cluster_names(n)
+        self.srv = XdsTestServer().start()
+        self.srv.set_resources(CLUSTER, [msg(cluster(x)) for x, _ in names]
+                               + [msg(cluster(PROBE_A)), msg(cluster(PROBE_B))])
+        self.eps = [msg(endpoints(x, i)) for x, i in names]
+        self.srv.set_resources(LISTENER, [msg(listener())])
+        self.weight_a = 100
+        self.srv.set_resources(ROUTES, [msg(route_config(n, self.weight_a))])
+
+    def set_backends(self, a: int, b: int) -> None:
+        self.ports = {"A": a, "B": b}
+        self.probe_a_on = "A"
+        self.srv.set_resources(ENDPOINTS, [*self.eps, msg(probe_endpoints(PROBE_A, a)),
+                                           msg(probe_endpoints(PROBE_B, b))])
+
+    def flip_endpoint(self) -> str:
+        """probe-a's endpoint moves to the other backend; returns the body now expected."""
+        self.probe_a_on = "B" if self.probe_a_on == "A" else "A"
+        self.srv.update(ENDPOINTS, msg(probe_endpoints(PROBE_A, self.ports[self.probe_a_on])))
+        self.srv.push(ENDPOINTS, names=[PROBE_A])
+        return self.expected()
+
+    def flip_route(self) -> str:
+        self.weight_a = 0 if self.weight_a == 100 else 100
+        self.srv.update(ROUTES, msg(route_config(self.n, self.weight_a)))
+        self.srv.push(ROUTES)
+        return self.expected()
+
+    def expected(self) -> str:
+        # weight_a 100: probe-a's backend; 0: probe-b's ("B")
+        return self.probe_a_on if self.weight_a == 100 else "B"
+
+    def stop(self) -> None:
+        self.srv.stop()
+
+
+def wait_all_workers(run: ApisixRun, pids: list[int], body: str, timeout: float,
+                     since: float, pause: float = 0.001) -> tuple[dict[int, float], dict[int, int]]:
+    """Probe until every worker answered `body`; when each first did, and requests each."""
+    seen: dict[int, float] = {}
+    count = {p: 0 for p in pids}
+    deadline = since + timeout
+    while len(seen) < len(pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers {sorted(set(pids) - set(seen))} never answered "
+                               f"{body!r} within {timeout} s")
+        try:
+            status, got, pid = run.get(PROBE_HOST)
+        except OSError:
+            time.sleep(0.01)
+            continue
+        now = time.monotonic()
+        count[pid] = count.get(pid, 0) + 1
+        if status == 200 and got == body and pid not in seen:
+            seen[pid] = now - since
+        time.sleep(pause)
+    return seen, count
+
+
+def cpu(pids: list[int]) -> dict[int, float]:
+    return {p: thread_cpu_s(p) for p in pids}
+
+
+def calibrate(run: ApisixRun, pids: list[int], body: str) -> tuple[float, float]:
+    """(CPU s per probe request, idle CPU s per second) of a worker's event loop."""
+    c0, t0 = cpu(pids), time.monotonic()
+    time.sleep(1.0)
+    idle = sum(cpu(pids)[p] - c0[p] for p in pids) / len(pids) / (time.monotonic() - t0)
+    c0, t0 = cpu(pids), time.monotonic()
+    n = 300
+    for _ in range(n):
+        run.get(PROBE_HOST)
+    spent = sum(cpu(pids)[p] - c0[p] for p in pids) - idle * len(pids) * (time.monotonic() - t0)
+    return max(spent / n, 0.0), idle
+
+
+def one_change(run: ApisixRun, pids: list[int], flip: Any, timeout: float,
+               calib: tuple[float, float], settle: float) -> dict[str, Any]:
+    per_req, idle = calib
+    run.ctl("/lag?reset=1")
+    c0 = cpu(pids)
+    t0 = time.monotonic()
+    body = flip()
+    seen, count = wait_all_workers(run, pids, body, timeout, t0)
+    time.sleep(settle)      # work a provider does after routing flipped (stock: other objects)
+    window = time.monotonic() - t0
+    c1 = cpu(pids)
+    lag = run.ctl("/lag")
+    cpu_s = [max(c1[p] - c0[p] - count.get(p, 0) * per_req - idle * window, 0.0) for p in pids]
+    return {"latency_s": max(seen.values()), "freeze_s": max(lag.values()) if lag else None,
+            "cpu_s": max(cpu_s)}
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def run_one(n: int, provider: str, work: Path, changes: int, dict_size: str) -> dict[str, Any]:
+    mesh = Mesh(n)
+    run = None
+    try:
+        run = ApisixRun(work / f"{provider}-{n}", provider, {
+            "source": mesh.srv.address,
+            "xds": {"protocol": "delta", "node": NODE},
+            "translate": {"port_match_var": None}}, dict_size=dict_size)
+        mesh.set_backends(run.backend_a, run.backend_b)
+        run.start()
+        time.sleep(0.2)
+        pids = run.worker_pids()
+        seen, _ = wait_all_workers(run, pids, "A", 120, run.started_at, pause=0.005)
+        row: dict[str, Any] = {"services": n, "provider": provider,
+                               "full_load_s": round(min(seen.values()), 3),
+                               "full_load_all_workers_s": round(max(seen.values()), 3)}
+        d = run.ctl("/dict")
+        row["dict_bytes_per_service"] = round((d["capacity"] - d["free"]) / n)
+        row["dict_keys"] = d["keys"]
+        time.sleep(1.5 if provider == "stock" else 0.3)    # let the load settle
+        calib = calibrate(run, pids, "A")
+        row["probe_cpu_ms"] = round(calib[0] * 1000, 3)
+        timeout = 120.0
+        settle = 0.5 if provider == "stock" else 0.05
+        kinds = {"endpoint": mesh.flip_endpoint, "route": mesh.flip_route}
+        for kind, flip in kinds.items():
+            results = [one_change(run, pids, flip, timeout, calib, settle)
+                       for _ in range(changes)]
+            lat = [r["latency_s"] for r in results]
+            row[f"{kind}_p50_ms"] = round(statistics.median(lat) * 1000, 1)
+            row[f"{kind}_p99_ms"] = round(pct(lat, 0.99) * 1000, 1)
+            row[f"{kind}_freeze_max_ms"] = round(max(r["freeze_s"] or 0 for r in results) * 1000,
+                                                 1)
+            row[f"{kind}_cpu_ms"] = round(statistics.median(r["cpu_s"] for r in results) * 1000,
+                                          2)
+        refused = run.ctl("/refused")
+        row["refused_reports"] = len(refused)
+        return row
+    finally:
+        if run is not None:
+            run.stop()
+        mesh.stop()
+
+
+def git_sha() -> str:
+    out = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "lua",
+                            "bench"], capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+COLUMNS = [
+    ("services", "services"), ("provider", "provider"), ("full_load_s", "start→serving s"),
+    ("endpoint_p50_ms", "endpoint p50 ms"), ("endpoint_p99_ms", "endpoint p99 ms"),
+    ("endpoint_freeze_max_ms", "endpoint freeze ms"), ("endpoint_cpu_ms", "endpoint CPU ms"),
+    ("route_p50_ms", "route p50 ms"), ("route_p99_ms", "route p99 ms"),
+    ("route_freeze_max_ms", "route freeze ms"), ("route_cpu_ms", "route CPU ms"),
+    ("dict_bytes_per_service", "dict B/service"),
+]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(str(r.get(k, "")) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def chart(rows: list[dict[str, Any]], path: Path, sha: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("endpoint_p99_ms", "endpoint change → all workers, p99 (ms)"),
+              ("endpoint_freeze_max_ms", "worker freeze during a change, max (ms)"),
+              ("endpoint_cpu_ms", "CPU per endpoint change per worker (ms)"),
+              ("route_p99_ms", "route change → all workers, p99 (ms)"),
+              ("full_load_s", "nginx start → serving (s)"),
+              ("dict_bytes_per_service", "dict bytes per service")]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for provider, style in (("stock", "o-"), ("amesh", "s-")):
+            pts = [(r["services"], r[key]) for r in rows if r["provider"] == provider
+                   and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=provider)
+        ax.set_title(title, fontsize=10)
+        ax.set_xscale("log")
+        if key not in ("dict_bytes_per_service",):
+            ax.set_yscale("log")
+        ax.set_xlabel("services")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"APISIX 3.18, 2 workers: stock config_xds vs amesh's incremental provider "
+                 f"({sha})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1000,3000,10000")
+    parser.add_argument("--providers", default="stock,amesh")
+    parser.add_argument("--changes", type=int, default=10)
+    parser.add_argument("--stock-changes", type=int, default=5,
+                        help="changes per kind for stock APISIX (seconds each at 10k)")
+    parser.add_argument("--dict-size", default="64m")
+    parser.add_argument("--out", default=str(HERE / "results" / "apisix_incremental.json"))
+    args = parser.parse_args()
+    apisix_home()
+    sha = git_sha()
+    work = work_dir("amesh-apisix-inc-")
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        for provider in args.providers.split(","):
+            changes = args.stock_changes if provider == "stock" else args.changes
+            row = run_one(n, provider, work, changes, args.dict_size)
+            print(row, flush=True)
+            rows.append(row)
+    print(table(rows))
+    out = Path(args.out)
+    write_results(out, rows, git_sha=sha, workers=2, dict_size=args.dict_size,
+                  apisix_home=str(apisix_home()))
+    try:
+        chart(rows, out.with_suffix(".png"), sha)
+    except ImportError:
+        print("matplotlib is missing: /opt/amesh/venv/bin/pip install matplotlib (no chart)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
