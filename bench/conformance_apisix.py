@@ -220,8 +220,10 @@ class ApisixRun:
             feed = _INITIAL_SHIM.replace("@XDS_DIR@", str(xds)) if install.debian else ""
             feed_exit = ""
         else:
-            # libxds.so stays off the cpath: config_xds would start a second writer.
-            lua_path.insert(0, f"{install_dir() / 'lua'}/?.lua")
+            # libxds.so stays off the cpath: config_xds would start a second writer. amesh's
+            # Lua goes after APISIX's tree: its apisix/ (issue 9's provider) must not shadow
+            # the stock config_xds under test.
+            lua_path.append(f"{install_dir() / 'lua'}/?.lua")
             feed = _LUA_FEED.replace("@CONFIG@", config).replace(
                 "@LIBRARY@", str(install_dir() / "libamesh.so"))
             feed_exit = '        require("amesh").exit_worker()'
@@ -344,10 +346,15 @@ def clusters_by_backend(objs: dict[str, Any]) -> dict[str, frozenset[str]]:
     return {k: frozenset(v) for k, v in out.items()}
 
 
+# Envoy's own local replies (no config sets them); APISIX words its 404/502/503 differently.
+ENVOY_GENERIC_BODIES = ("no healthy upstream", "upstream connect error",
+                        "no healthy upstream for", "upstream request timeout")
+
+
 def signature(o: Outcome, clusters: dict[str, frozenset[str]], with_body: bool) -> tuple:
     """What two proxies must agree on. A backend counts by the clusters that hold it (both
     may pick another endpoint of the same set); a local reply's body only when Envoy sent
-    one (APISIX words its own 404/502/503 pages differently)."""
+    one that the config chose (a direct response, a fault abort), not one of its own."""
     backend = next(iter(o.backends), None)
     where = clusters.get(backend, frozenset([backend])) if backend else frozenset()
     return (o.status, where, o.path, o.host, o.headers, o.response_headers, o.location,
@@ -357,7 +364,7 @@ def signature(o: Outcome, clusters: dict[str, frozenset[str]], with_body: bool) 
 def compare_proxies(apisix: list[Outcome], envoy: list[Outcome],
                     clusters: dict[str, frozenset[str]]) -> str | None:
     """None when APISIX's outcomes are Envoy's (as frequencies when drawn repeatedly)."""
-    with_body = any(o.body for o in envoy)
+    with_body = any(o.body and not o.body.startswith(ENVOY_GENERIC_BODIES) for o in envoy)
     a = Counter(signature(o, clusters, with_body) for o in apisix)
     e = Counter(signature(o, clusters, with_body) for o in envoy)
     if len(apisix) == 1:

@@ -361,9 +361,17 @@ class Apisix:
         resp = _response_headers(plugins.get("response-rewrite", {}).get("headers", {}),
                                  RESPONSE_HEADERS, acao)
         targets = _split(route, plugins.get("traffic-split"), v)
-        return [(Outcome(backends=self.backends(up), path=path, host=host, headers=headers,
-                         response_headers=resp, via=f"{route['id']} -> {up}"), p)
+        return [(self._proxied(up, path, host, headers, resp, f"{route['id']} -> {up}"), p)
                 for up, p in targets]
+
+    def _proxied(self, up: str, path: str, host: str, headers: tuple, resp: tuple,
+                 via: str) -> Outcome:
+        backends = self.backends(up)
+        if not backends:
+            # upstream.lua: "no valid upstream node" (503) before any balancing.
+            return Outcome(status=503, via=via)
+        return Outcome(backends=backends, path=path, host=host, headers=headers,
+                       response_headers=resp, via=via)
 
 
 def _split(route: dict, conf: dict | None, v: Vars) -> list[tuple[str, float]]:
