@@ -229,7 +229,8 @@ def corpus() -> list[Request]:
                  "/rewrite", "/old", "/old/x", "/olds", "/rx/abc/def", "/rx/abc/def?k=v",
                  "/rx/ABC/def", "/redirect", "/redirect?x=1", "/redirect/deep",
                  "/to-https", "/to-https?y=2", "/direct", "/direct/x", "/abort", "/abort?x",
-                 "/rarely", "/delay", "/mirror", "/cors", "/nothing", "/"]
+                 "/rarely", "/delay", "/mirror", "/cors", "/nothing", "/", "/nosubset",
+                 "/otherport", "/rxrw/abc", "/rxrw/abc?k=v", "/rxrw/ABC"]
     reqs += [_get(h, p) for h in ("web", "web.default.svc.cluster.local") for p in web_paths]
     reqs += [_get(h, "/timeout") for h in ("240.240.1.1", "web:17080", "WEB.default.svc")]
     reqs.append(_get("WEB.default.svc", "/to-https"))
@@ -246,7 +247,7 @@ def corpus() -> list[Request]:
                   ("access-control-request-method", "GET"), method="OPTIONS"),
              _get("web", "/cors", method="OPTIONS")]
     # Random outcomes: drawn DRAWS times each.
-    reqs += [_get("web", p) for p in ("/split", "/three", "/sometimes", "/tagged")]
+    reqs += [_get("web", p) for p in ("/split", "/three", "/sometimes", "/tagged", "/halfgone")]
     reqs += [_get("web", p) for p in ("/up/a", "/UP/a?q=1", "/Up/", "/up", "/upx/a")]
     # The second port: its own route configuration.
     reqs += [_get(h, p, port=ALT) for h in ("web", "web.default.svc.cluster.local",
