@@ -428,9 +428,9 @@ local function wakeup_loop(premature, path)
         return
     end
     wakeup.state = "connected"
-    -- A read timeout of a second: a worker that nginx asks to quit notices within it
-    -- (a blocked cosocket keeps a worker from exiting, and reloads would pile up).
-    sock:settimeouts(1000, 1000, 1000)
+    -- A quiet mesh: one read timeout an hour. A quitting worker does not wait for it: the
+    -- library shuts this connection (and its listener) as soon as nginx starts to exit.
+    sock:settimeouts(1000, 1000, 3600 * 1000)
     while not ngx.worker.exiting() do
         local data, rerr = sock:receiveany(4096)
         if data then

@@ -56,6 +56,19 @@ def _eds_name(cluster: Any) -> str | None:
     return None
 
 
+def _capped(status: dict[str, Any], cap: int) -> dict[str, Any]:
+    """A source's status with its lists of rejections and errors cut to `cap` entries."""
+    out = dict(status)
+    for field in ("rejected", "errors"):
+        value = out.get(field)
+        if isinstance(value, (dict, list)) and len(value) > cap:
+            items = sorted(value.items()) if isinstance(value, dict) else value
+            kept = list(itertools.islice(items, cap))
+            out[field] = dict(kept) if isinstance(value, dict) else kept
+            out[f"{field}_count"] = len(value)
+    return out
+
+
 class ObjectTooLarge(ValueError):
     """An APISIX object larger than the dict could ever hold."""
 
@@ -520,6 +533,7 @@ class Agent:
                     skipped[skip.feature] = skipped.get(skip.feature, 0) + 1
             source = self._source.status() if self._source is not None else {}
             cap = int(self._config.limit("status_max_rejected"))
+            source = _capped(source, cap)
             why_not = self._not_ready_because(source)
             ready = not why_not
             return {

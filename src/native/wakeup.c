@@ -39,6 +39,10 @@ static void *accept_main(void *arg) {
         struct pollfd pfd = {.fd = listen_fd, .events = POLLIN};
         int ready = poll(&pfd, 1, 100);
         if (amesh_nginx_exiting()) {
+            /* Closing the listener too resets a connection still in its backlog: a consumer
+             * that connected just as the worker began to quit would otherwise block in
+             * receive with nobody left to shut it, and the worker would never exit. */
+            close(listen_fd);
             shut_client();
             return NULL;
         }
