@@ -51,8 +51,9 @@ class Request:
         return self.path.split("?", 1)[1] if "?" in self.path else None
 
     def header_values(self, name: str) -> list[str]:
+        """The values of a header as nginx reads them: the whitespace around each stripped."""
         name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
+        return [v.strip(" \t") for k, v in self.headers if k.lower() == name]
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,9 @@ class Vars:
             return fixed[name]
         if name.startswith("http_"):
             want = name[5:]
-            values = [v for k, v in req.headers if k.lower().replace("-", "_") == want]
+            # nginx (as HTTP says) strips the whitespace around a header value.
+            values = [v.strip(" \t") for k, v in req.headers
+                      if k.lower().replace("-", "_") == want]
             return ", ".join(values) if values else None  # nginx >= 1.23 joins with ", "
         if name.startswith("arg_"):
             return self.args.get(name[4:])

@@ -198,7 +198,8 @@ def corpus() -> list[Request]:
     # Header matches: exact (a literal dot), prefix (regex metacharacters), regex (full
     # match), presence, two headers, repeats, case, an underscore twin.
     for name, value in [("x-exact", "a.b"), ("x-exact", "aXb"), ("x-exact", "A.B"),
-                        ("x-exact", "a.bc"), ("x-prefix", "pre[("), ("x-prefix", "pre[(x"),
+                        ("x-exact", "a.bc"), ("x-exact", "  a.b "), ("x-prefix", "pre[("),
+                        ("x-prefix", "pre[(x"),
                         ("x-prefix", "pre"), ("x-prefix", "xpre[("), ("x-regex", "r1"),
                         ("x-regex", "r12"), ("x-regex", "xr1"), ("x-regex", "r"),
                         ("x-regex", "R1"), ("x-present", ""), ("x-present", "v"),
