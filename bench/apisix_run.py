@@ -94,7 +94,8 @@ class ApisixRun:
             router = "radixtree_host_uri_incremental"
         subst = {
             "@WORK@": str(self.work), "@PREFIX@": str(prefix), "@XDS_DIR@": str(xds),
-            "@LISTEN_LINES@": f"listen 127.0.0.1:{self.port} default_server;",
+            # reuseport (APISIX's default, enable_reuseport): new connections spread over workers
+            "@LISTEN_LINES@": f"listen 127.0.0.1:{self.port} default_server reuseport;",
             "@WORKERS@": str(workers), "@EXTRA_LUA_PATH@": extra,
             "@CONTROL@": str(self.control), "@DICT_SIZE@": dict_size,
             "@BACKEND_A@": f"127.0.0.1:{self.backend_a}",

@@ -106,12 +106,19 @@ http {
         end
         apisix.http_init_worker()
 
-        -- bench only: the largest lag of a 5 ms timer since the last /lag?reset
-        local bench, pid, expect = ngx.shared.bench, ngx.worker.pid(), nil
+        -- bench only: the largest lag of a 5 ms timer since the last /lag?reset, and when
+        -- this worker's timer first saw each new `version` (wall clock)
+        local bench, pid, expect, seen = ngx.shared.bench, ngx.worker.pid(), nil, nil
+        local versions = ngx.shared["xds-config-version"]
         ngx.timer.every(0.005, function(premature)
             if premature then return end
             ngx.update_time()
             local now = ngx.now()
+            local v = versions:get("version")
+            if v ~= seen then
+                seen = v
+                bench:set("bump:" .. pid, now)
+            end
             if expect then
                 local lag = now - expect
                 if lag > (bench:get("lag:" .. pid) or 0) then bench:set("lag:" .. pid, lag) end
@@ -154,6 +161,8 @@ http {
                 if k:sub(1, 4) == "lag:" then
                     out[k:sub(5)] = bench:get(k)
                     if ngx.var.arg_reset then bench:set(k, 0) end
+                elseif k:sub(1, 5) == "bump:" then
+                    out[k] = bench:get(k)
                 end
             end
             ngx.say(require("cjson.safe").encode(out))
