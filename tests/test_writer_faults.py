@@ -32,7 +32,8 @@ LIBXDS = Path(os.environ.get("AMESH_TEST_LIBXDS") or PACKAGE_DIR / "libxds.so")
 BIG_SERVICES = 8700  # ~20,000 keys (upstreams and routes) in one FULL batch
 
 # Test-only views of the dicts: a digest per key (values of 20,000 keys are too much to
-# ship), the data dict's used bytes (cheap enough to poll while a batch lands), a planted key.
+# ship), the data dict's used bytes (cheap enough to poll while a batch lands), and a
+# planted key (a string, or a number with &number=1).
 LOCATIONS = r"""
         location = /digest {
             content_by_lua_block {
@@ -53,7 +54,9 @@ LOCATIONS = r"""
         }
         location = /plant {
             content_by_lua_block {
-                local ok = ngx.shared["xds-config"]:set(ngx.var.arg_key, ngx.var.arg_value)
+                local value = ngx.var.arg_value
+                if ngx.var.arg_number then value = tonumber(value) end
+                local ok = ngx.shared["xds-config"]:set(ngx.var.arg_key, value)
                 ngx.say(ok)
             }
         }
@@ -212,6 +215,7 @@ def test_refused_batch_leaves_the_dict_as_it_was_key_by_key(tmp_path, make_nginx
     status = n.wait_for(lambda: (s := _library_status(n))["writer"]["batches_failed"] >= 2 and s,
                         timeout=20, what="a refused batch and a refused FULL resync")
     assert re.search(r"store of \S+ failed: no memory", status["last_error"]), status
+    assert re.search(r"store of \S+ failed: no memory", json.dumps(status["agent"]))  # reported
     after = {k: v for k, v in _digest(n, log=True).items() if k not in filled}
     assert after == before, _diff(after, before)
     assert n.version() == version
@@ -256,6 +260,29 @@ def test_full_batch_onto_a_previous_runs_dict_deletes_exactly_the_stale_keys(
     actual = _digest(n)
     assert actual == {**expected, **planted_digest}, _diff(actual, {**expected,
                                                                     **planted_digest})
+    _no_crash(n)
+
+
+def test_a_value_that_cannot_be_read_fails_the_batch_and_changes_nothing(
+        tmp_path, make_nginx) -> None:
+    """A number under an index key (another writer's, or damage): the next FULL batch cannot
+    read that old list, so it must not take it as absent (that would forget the keys it
+    lists). The batch is refused, naming the key, and the dict stays as it was."""
+    mesh = foundation._mesh(tmp_path)
+    n = _stock(tmp_path, make_nginx, mesh)
+    first = _new_writer(n, set())
+    _settled(n, first)
+    assert n.get("/plant?key=amesh:index:05&value=42&number=1").strip() == "true"
+    before, version = _digest(n, log=True), n.version()
+    n.reload()
+    second = _new_writer(n, {first})
+    status = n.wait_for(lambda: (s := _library_status(n))["writer"]["pid"] == second
+                        and s["writer"]["batches_failed"] >= 1 and s, timeout=20,
+                        what="the new run's FULL batch refused")
+    assert "read of amesh:index:05 failed: not a string value" in status["last_error"]
+    after = _digest(n, log=True)
+    assert after == before, _diff(after, before)
+    assert n.version() == version
     _no_crash(n)
 
 
