@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import test_nginx_foundation as foundation
 import test_writer_faults as faults
+from churn import service_churn
 from nginx import lua_long_string
 
 USER = foundation.USER
@@ -145,38 +143,6 @@ def test_first_batch_refused_leaves_nothing_then_a_small_config_lands(tmp_path,
     faults._no_crash(n)
 
 
-@contextmanager
-def _service_churn(mesh: Path) -> Iterator[list[int]]:
-    """Add and remove services (one STATIC cluster per file) every 30 ms, in a thread."""
-    stop = threading.Event()
-    alive: list[int] = []
-
-    def churn() -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            path = mesh / f"churn-{i % 40}.yaml"
-            if path.exists():
-                path.unlink()
-            else:
-                doc = {"resources": [{
-                    "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-                    "name": f"churn-{i % 40}", "type": "STATIC",
-                    "load_assignment": {"cluster_name": f"churn-{i % 40}", "endpoints": [
-                        {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                            "address": "127.0.0.9", "port_value": 80 + i % 7}}}}]}]}}]}
-                foundation._write_yaml_atomic(path, doc)
-            stop.wait(0.03)
-
-    thread = threading.Thread(target=churn, daemon=True)
-    thread.start()
-    try:
-        yield alive
-    finally:
-        stop.set()
-        thread.join()
-
-
 def test_twenty_kills_of_the_agents_worker_under_churn_converge_exactly(tmp_path,
                                                                          make_nginx) -> None:
     mesh = faults._mesh(tmp_path, "churn", 300)
@@ -184,7 +150,7 @@ def test_twenty_kills_of_the_agents_worker_under_churn_converge_exactly(tmp_path
     pid = n.wait_for(lambda: (s := _ready_in(n)) and s["agent_process"], timeout=30,
                      what="first ready")
     killed: set[int] = set()
-    with _service_churn(mesh):
+    with service_churn(mesh):
         for _ in range(20):
             # Kill as soon as the agent has started writing (not only when idle).
             n.wait_for(lambda p=pid: n.status()["agent_process"] == p
@@ -208,7 +174,7 @@ def test_hundred_reloads_then_quit_within_two_seconds(tmp_path, make_nginx) -> N
     mesh = faults._mesh(tmp_path, "reloads", 50)
     n = _nginx(make_nginx, mesh)
     n.wait_for(lambda: _ready_in(n), timeout=30, what="first ready")
-    with _service_churn(mesh):
+    with service_churn(mesh):
         for _ in range(100):
             n.reload()
             time.sleep(0.1)
