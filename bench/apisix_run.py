@@ -54,7 +54,10 @@ def amesh_lua_root() -> Path:
 
 class ApisixRun:
     def __init__(self, prefix: Path, provider: str, config: dict[str, Any], *,
-                 workers: int = 2, dict_size: str = "64m", log_level: str = "warn") -> None:
+                 workers: int = 2, dict_size: str = "64m", log_level: str = "warn",
+                 writer: str = "libxds") -> None:
+        """writer "libxds": amesh's library writes the dicts (from `config`); "none": the
+        caller does, through the control endpoint /write."""
         assert provider in ("stock", "amesh")
         self.prefix = prefix
         self.provider = provider
@@ -100,7 +103,7 @@ class ApisixRun:
             "@CONTROL@": str(self.control), "@DICT_SIZE@": dict_size,
             "@BACKEND_A@": f"127.0.0.1:{self.backend_a}",
             "@BACKEND_B@": f"127.0.0.1:{self.backend_b}", "@LOG_LEVEL@": log_level,
-            "@ROUTER@": router,
+            "@ROUTER@": router, "@WRITER@": writer,
         }
         conf = (TEMPLATES / "nginx.conf.tpl").read_text()
         yaml = (TEMPLATES / "config.yaml.tpl").read_text().replace("@EXTRA_LUA_PATH@", lua_root)
@@ -160,11 +163,65 @@ class ApisixRun:
         finally:
             conn.close()
 
-    def ctl(self, path: str) -> Any:
-        status, body, _ = self.get("control", path, port=self.control)
-        if status != 200:
-            raise RuntimeError(f"control {path}: {status} {body[:200]}")
-        return json.loads(body) if body.strip()[:1] in "{[" else body.strip()
+    def ctl(self, path: str, body: Any = None) -> Any:
+        """GET a control endpoint, or POST `body` (JSON) to it; the answer, decoded."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.control, timeout=60)
+        try:
+            if body is None:
+                conn.request("GET", path)
+            else:
+                conn.request("POST", path, body=json.dumps(body),
+                             headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            text = resp.read().decode(errors="replace")
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise RuntimeError(f"control {path}: {resp.status} {text[:300]}")
+        return json.loads(text) if text.strip()[:1] in "{[" else text.strip()
+
+
+class DictWriter:
+    """The runner as the dicts' writer (ApisixRun(writer="none")): batches laid out as
+    docs/dict-protocol.md says (index pre-images, sets, deletes, post-images, change-log
+    entry and head, then one version bump), stored through the control endpoint /write."""
+
+    def __init__(self, run: ApisixRun, name: str = "runner") -> None:
+        self.run = run
+        self.log_run = f"{name}{os.getpid():x}{time.time_ns():x}"
+        self.seq = 0
+        self.keys: set[str] = set()
+        self.version = 1
+
+    def batch(self, sets: dict[str, Any], deletes: list[str] | tuple[str, ...] = ()) -> None:
+        from amesh_ext.protocol import (
+            KEY_LOG_HEAD,
+            bucket_of,
+            index_key,
+            index_value,
+            log_entry,
+            log_slot_key,
+        )
+        data = "xds-config"
+        ops: list[list[Any]] = []
+        touched = sorted({bucket_of(k) for k in [*sets, *deletes]})
+        after = (self.keys | set(sets)) - set(deletes)
+        for b in touched:
+            ops.append([data, index_key(b), index_value(
+                k for k in self.keys | after if bucket_of(k) == b).decode()])
+        ops += [[data, k, json.dumps(v)] for k, v in sets.items()]
+        ops += [[data, k, None] for k in deletes]
+        for b in touched:
+            ops.append([data, index_key(b),
+                        index_value(k for k in after if bucket_of(k) == b).decode()])
+        self.keys = after
+        self.seq += 1
+        ops.append([data, log_slot_key(self.seq),
+                    log_entry(self.log_run, self.seq, [*sets, *deletes]).decode()])
+        ops.append([data, KEY_LOG_HEAD, f"{self.log_run}:{self.seq}"])
+        self.version += 1
+        ops.append(["xds-config-version", "version", f"{self.version:013d}"])
+        assert self.run.ctl("/write", ops) == "ok"
 
 
 def thread_cpu_s(pid: int) -> float:

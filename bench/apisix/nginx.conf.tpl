@@ -95,7 +95,8 @@ http {
         -- config_xds.init_worker() never calls libxds.so's initial(). Do exactly what
         -- config_xds.load_libxds() does, once, in worker 0, before APISIX's own init_worker
         -- (whose config_xds.new() blocks until a version appears).
-        if ngx.worker.id() == 0 then
+        -- (the writer is libxds, or none when the runner writes the dicts itself)
+        if ngx.worker.id() == 0 and "@WRITER@" == "libxds" then
             local ffi = require "ffi"
             pcall(ffi.cdef, [[ void *ngx_http_lua_ffi_shdict_udata_to_zone(void *zone_udata);
                               void initial(void *config_zone, void *version_zone); ]])
@@ -103,6 +104,9 @@ http {
             local C = ffi.C
             lib.initial(ffi.cast("void*", C.ngx_http_lua_ffi_shdict_udata_to_zone(ngx.shared["xds-config"][1])),
                         ffi.cast("void*", C.ngx_http_lua_ffi_shdict_udata_to_zone(ngx.shared["xds-config-version"][1])))
+        end
+        if "@WRITER@" == "none" then
+            ngx.shared["xds-config-version"]:add("version", "0000000000001")
         end
         apisix.http_init_worker()
 
@@ -166,6 +170,67 @@ http {
                 end
             end
             ngx.say(require("cjson.safe").encode(out))
+        } }
+        location = /write {
+            # the runner as the writer (writer none): [[dict, key, value or null], ...]
+            client_body_buffer_size 16m;
+            client_max_body_size 16m;
+            content_by_lua_block {
+                ngx.req.read_body()
+                local ops = require("cjson.safe").decode(ngx.req.get_body_data())
+                for _, op in ipairs(ops) do
+                    local dict = ngx.shared[op[1]]
+                    if op[3] == ngx.null then dict:delete(op[2])
+                    else assert(dict:safe_set(op[2], op[3])) end
+                end
+                ngx.say("ok")
+            }
+        }
+        location = /routes { content_by_lua_block {
+            -- what this worker's /routes object holds: conf_version, id -> desc
+            local o = require("apisix.core.config_xds").fetch_created_obj("/routes")
+            local ids = {}
+            for _, it in ipairs(o and o.values or {}) do
+                if it then ids[it.value.id] = it.value.desc or "" end
+            end
+            ngx.say(require("cjson.safe").encode({conf_version = o and o.conf_version, ids = ids}))
+        } }
+        location = /router_check {
+            # route selection of the stock radixtree_host_uri and amesh's incremental router
+            # over the same config object, for a list of requests
+            client_body_buffer_size 16m;
+            client_max_body_size 16m;
+            content_by_lua_block {
+                local cjson = require("cjson.safe")
+                ngx.req.read_body()
+                local reqs = cjson.decode(ngx.req.get_body_data())
+                local routes = require("apisix.core.config_xds").fetch_created_obj("/routes")
+                local routers = {
+                    stock = require("apisix.http.router.radixtree_host_uri"),
+                    incremental = require("apisix.http.router.radixtree_host_uri_incremental"),
+                }
+                local out = {}
+                for i, r in ipairs(reqs) do
+                    local res = {}
+                    for name, rt in pairs(routers) do
+                        rt.user_routes = routes
+                        local var = {host = r.host, uri = r.uri, request_method = r.method,
+                                     remote_addr = "127.0.0.1"}
+                        for k, v in pairs(r.headers or {}) do var["http_" .. k] = v end
+                        local ctx = {var = var}
+                        local ok = rt.match(ctx)
+                        local m = ctx.curr_req_matched or {}
+                        res[name] = ok and {ctx.matched_route.value.id, m._host or "", m._path or ""}
+                                    or false
+                    end
+                    out[i] = res
+                end
+                ngx.say(cjson.encode(out))
+            }
+        }
+        location = /router_stats { content_by_lua_block {
+            ngx.say(require("cjson.safe").encode(
+                require("apisix.http.router.radixtree_host_uri_incremental").stats))
         } }
         location = /refused { content_by_lua_block {
             local d, out = ngx.shared["xds-config-version"], {}
