@@ -104,11 +104,13 @@ class Corpus:
     name: str
     ports: tuple[int, ...]  # the HTTP listener ports APISIX must hold
     requests: tuple[Request, ...]
+    mirror: Request | None = None  # a request whose route mirrors (copies seen by backends)
 
 
 def corpora() -> dict[str, Corpus]:
     return {
-        "features": Corpus("features", (17080, 17081), tuple(corpus())),
+        "features": Corpus("features", (17080, 17081), tuple(corpus()),
+                           Request("GET", 17080, "web", "/mirror?copy=1")),
         "bookinfo": Corpus("bookinfo", (BOOKINFO_PORT,), tuple(bookinfo_requests())),
     }
 
@@ -386,6 +388,7 @@ class RunResult:
     apisix_vs_envoy: dict[str, str] = field(default_factory=dict)
     model_vs_apisix: dict[str, str] = field(default_factory=dict)
     labels: set[str] = field(default_factory=set)
+    mirror: dict[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
         served = self.requests - len(self.not_served)
@@ -394,7 +397,8 @@ class RunResult:
                 "apisix_vs_envoy": _split(self.apisix_vs_envoy, KNOWN_DIFFERENCES, served,
                                           self.labels),
                 "model_vs_apisix": _split(self.model_vs_apisix, KIT_DIFFERENCES, served,
-                                          self.labels)}
+                                          self.labels),
+                "mirror": self.mirror}
 
 
 def _split(diffs: dict[str, str], known: dict[str, str], served: int,
@@ -406,6 +410,46 @@ def _split(diffs: dict[str, str], known: dict[str, str], served: int,
             "documented": documented,
             "documented_but_agree": sorted(k for k in known if k in labels and k not in diffs),
             "unexplained": {k: v for k, v in diffs.items() if k not in known}}
+
+
+MIRROR_REQUESTS = 80
+
+
+def mirrored(req: Request, backends: Backends, address: str,
+             clusters: dict[str, frozenset[str]]) -> dict[str, Any]:
+    """Send `req` MIRROR_REQUESTS times; the copies are the backend hits beyond the answers
+    (fire and forget: counted once the backends stop receiving)."""
+    start = len(backends.hits)
+    answered = Counter(next(iter(o.backends), "") for o in
+                       (send(req, address) for _ in range(MIRROR_REQUESTS)))
+    last = [-1]
+
+    def quiet() -> bool:
+        now = len(backends.hits)
+        settled = now == last[0] and now >= start + MIRROR_REQUESTS
+        last[0] = now
+        return settled
+
+    wait_for(quiet, 30, f"the mirrored copies through {address} to stop", interval=0.5)
+    hits = [h for h in backends.hits[start:] if h[1] == req.path]
+    copies = Counter(b for b, _, _ in hits) - answered
+    where = [clusters.get(b, frozenset()) for b in copies.elements()]
+    return {"requests": MIRROR_REQUESTS, "copies": sum(copies.values()),
+            "share": round(sum(copies.values()) / MIRROR_REQUESTS, 3),
+            "to_backends": dict(copies),
+            "to_clusters": sorted(frozenset.intersection(*where)) if where else [],
+            "hosts": sorted({h for b, _, h in hits if b in copies})}
+
+
+def compare_mirrors(apisix: dict[str, Any], envoy: dict[str, Any]) -> dict[str, Any]:
+    """Agree when as many requests are mirrored (within TOLERANCE), every APISIX copy lands
+    in the clusters all of Envoy's do (APISIX mirrors to one node of the cluster, Envoy
+    balances over its endpoints) and the copies carry the same Host."""
+    same_share = abs(apisix["share"] - envoy["share"]) <= TOLERANCE
+    same_place = bool(envoy["to_clusters"]) and set(envoy["to_clusters"]) <= set(
+        apisix["to_clusters"])
+    return {"agree": same_share and same_place and apisix["hosts"] == envoy["hosts"],
+            "apisix": apisix, "envoy": envoy}
 
 
 def observe(reqs: tuple[Request, ...], model: Apisix, address: str) -> dict[str, list[Outcome]]:
@@ -432,14 +476,15 @@ def start_config(xds_address: str, locality: dict[str, str], cert_dir: Path) -> 
 
 
 @contextlib.contextmanager
-def mesh(name: str, work: Path, istiod_binary: Path) -> Iterator[tuple[Any, Any, dict]]:
-    """istiod on a corpus, its backends, a real Envoy on it: (istiod, envoy, docs)."""
+def mesh(name: str, work: Path, istiod_binary: Path) -> Iterator[tuple[Any, Path, Backends]]:
+    """istiod on a corpus, its backends, a real Envoy on it: (istiod, amesh's certificate
+    directory, the backends)."""
     spec = CORPORA[name]
     with contextlib.ExitStack() as stack:
         istiod = stack.enter_context(Istiod(work / "istiod", binary=istiod_binary))
         istiod.start(copy_corpus(spec.config_dir, work / "config"))
         docs = probe_corpus(istiod.xds_address, spec)
-        stack.enter_context(Backends(endpoint_addresses(docs)))
+        backends = stack.enter_context(Backends(endpoint_addresses(docs)))
         sds = stack.enter_context(SdsServer(work / "sds"))
         certs = work / "certs"
         certs.mkdir(exist_ok=True)
@@ -453,16 +498,17 @@ def mesh(name: str, work: Path, istiod_binary: Path) -> Iterator[tuple[Any, Any,
                        "Envoy's route configurations")
         envoy.wait_for(lambda: set(envoy.listeners()) == {
             ln["name"] for ln in docs["listeners.json"]["resources"]}, 60, "Envoy's listeners")
-        yield istiod, certs, docs
+        yield istiod, certs, backends
 
 
 def run_corpus(c: Corpus, install: Installation, modes: list[str], work: Path,
                istiod_binary: Path) -> list[RunResult]:
     results = []
     spec = CORPORA[c.name]
-    with mesh(c.name, work, istiod_binary) as (istiod, certs, _docs):
+    with mesh(c.name, work, istiod_binary) as (istiod, certs, backends):
         config = start_config(istiod.xds_address, spec.locality, certs)
         envoy_seen: dict[str, list[Outcome]] | None = None
+        envoy_mirror: dict[str, Any] | None = None
         for mode in modes:
             with ApisixRun(install, work / f"apisix-{mode}", mode, config, c.ports) as run:
                 run.wait_synced()
@@ -486,6 +532,11 @@ def run_corpus(c: Corpus, install: Installation, modes: list[str], work: Path,
                     diff = compare_seen(apisix_seen[key], model.decide(req), "APISIX")
                     if diff:
                         result.model_vs_apisix[key] = diff
+                if c.mirror is not None:
+                    if envoy_mirror is None:
+                        envoy_mirror = mirrored(c.mirror, backends, "127.0.0.1", clusters)
+                    result.mirror = compare_mirrors(
+                        mirrored(c.mirror, backends, APISIX_IP, clusters), envoy_mirror)
                 results.append(result)
                 (work / f"error-{c.name}-{mode}.log").write_text(run.error_log())
     return results
@@ -502,16 +553,20 @@ def git_sha() -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("\n| corpus | feed | objects written / loaded / refused | not read by APISIX "
           "| requests | APISIX vs Envoy: agree / documented / unexplained "
-          "| model vs APISIX: agree / documented / unexplained |")
-    print("|---|---|---|---|---|---|---|")
+          "| model vs APISIX: agree / documented / unexplained | mirror (share mirrored) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, ae, ma = r["objects"], r["apisix_vs_envoy"], r["model_vs_apisix"]
         not_read = ", ".join(f"{n} {k}" for k, n in o["not_read"].items()) or "-"
+        mirror = r.get("mirror")
         print(f"| {r['corpus']} | {r['mode']} | {o['written']} / {o['loaded']} / "
               f"{len(o['refused'])} | {not_read} | {r['requests']} "
               f"({len(r['not_served'])} TCP not served) | {ae['agree']} / "
               f"{len(ae['documented'])} / {len(ae['unexplained'])} | {ma['agree']} / "
-              f"{len(ma['documented'])} / {len(ma['unexplained'])} |")
+              f"{len(ma['documented'])} / {len(ma['unexplained'])} | " + (
+                  "-" if not mirror else f"{'agree' if mirror['agree'] else 'DISAGREE'} "
+                  f"(APISIX {mirror['apisix']['share']}, Envoy {mirror['envoy']['share']})")
+              + " |")
     for r in rows:
         for what in ("apisix_vs_envoy", "model_vs_apisix"):
             for k, v in r[what]["unexplained"].items():

@@ -241,6 +241,11 @@ def test_mirror_goes_to_a_node_of_the_mirror_cluster():
     assert routes_by_priority(tr)[0]["plugins"]["proxy-mirror"] == {
         "host": "http://10.0.0.9:8080", "sample_ratio": 1.0}
     assert tr.cluster_deps[("mirror", mirror)] == "http://10.0.0.9:8080"
+    # Envoy appends -shadow to the copy's Host unless told not to (Istio tells it).
+    assert [k.feature for k in tr.skipped] == ["request_mirror"]
+    istio = route_config(to_cluster(P, request_mirror_policies=[
+        {"cluster": mirror, "disable_shadow_host_suffix_append": True}]))
+    assert not translate_rc(istio, clusters=known).skipped
     # A mirror cluster without endpoints, or unknown, gets no copy (Envoy: no host).
     for view in ({CLUSTER: None, mirror: None}, {CLUSTER: None}):
         assert "proxy-mirror" not in own_plugins(first_route(msg, clusters=view))

@@ -23,6 +23,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
+        self.server.hits.append((self.server.name, self.path,  # type: ignore[attr-defined]
+                                 self.headers.get("host")))
         body = json.dumps({
             "backend": self.server.name,  # type: ignore[attr-defined]
             "method": self.command,
@@ -51,6 +53,9 @@ class Backends:
     def __init__(self, addresses: Iterable[tuple[str, int]]) -> None:
         self.addresses = sorted(set(addresses))
         self._servers: list[ThreadingHTTPServer] = []
+        # (backend, path, Host) of every request served, in arrival order: mirrored copies
+        # are seen only here.
+        self.hits: list[tuple[str, str, str | None]] = []
 
     def start(self) -> Backends:
         try:
@@ -58,6 +63,7 @@ class Backends:
                 server = ThreadingHTTPServer((host, port), _Handler)
                 server.daemon_threads = True
                 server.name = f"{host}:{port}"  # type: ignore[attr-defined]
+                server.hits = self.hits  # type: ignore[attr-defined]
                 threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                  name=f"backend-{host}:{port}", daemon=True).start()
                 self._servers.append(server)

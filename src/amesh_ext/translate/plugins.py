@@ -174,8 +174,9 @@ def cors(policy, where: str, skips: Skips) -> dict | None:
 def proxy_mirror(policies, where: str, skips: Skips, clusters: Clusters) -> dict | None:
     """proxy-mirror config of the first request mirror policy. Envoy sends the copy to an
     endpoint of the mirror cluster; APISIX mirrors to one address, so the copy goes to one
-    node of that cluster (upstreams.mirror_node), without Envoy's `-shadow` host suffix. A
-    cluster without endpoints (or unknown) gets no copy, as in Envoy."""
+    node of that cluster (upstreams.mirror_node), with the request's Host (Istio sets
+    disable_shadow_host_suffix_append; APISIX cannot append Envoy's `-shadow`). A cluster
+    without endpoints (or unknown) gets no copy, as in Envoy."""
     if not policies:
         return None
     if len(policies) > 1:
@@ -192,6 +193,9 @@ def proxy_mirror(policies, where: str, skips: Skips, clusters: Clusters) -> dict
     host = clusters.mirror_node(p.cluster)
     if host is None:
         return None
+    if not p.disable_shadow_host_suffix_append:
+        skips.add("request_mirror", "the copy's Host keeps the request's: APISIX cannot "
+                  "append Envoy's -shadow suffix", where)
     if ratio < _MIN_SAMPLE:
         skips.add("request_mirror", f"sample ratio {ratio:g} raised to {_MIN_SAMPLE}", where)
         ratio = _MIN_SAMPLE
