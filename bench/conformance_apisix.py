@@ -194,9 +194,11 @@ _INITIAL_SHIM = """
             end
             lib.initial(zone("xds-config"), zone("xds-config-version"))
         end"""
+# APISIX enables the privileged agent itself on OpenResty: amesh's agent then runs there.
 _LUA_FEED = """
         assert(require("amesh").init_worker({config = [==[@CONFIG@]==],
-                                            library = "@LIBRARY@"}))"""
+                                            library = "@LIBRARY@",
+                                            privileged_agent = @PRIVILEGED@}))"""
 
 
 class ApisixRun:
@@ -227,7 +229,8 @@ class ApisixRun:
             # the stock config_xds under test.
             lua_path.append(f"{install_dir() / 'lua'}/?.lua")
             feed = _LUA_FEED.replace("@CONFIG@", config).replace(
-                "@LIBRARY@", str(install_dir() / "libamesh.so"))
+                "@LIBRARY@", str(install_dir() / "libamesh.so")).replace(
+                "@PRIVILEGED@", "false" if install.debian else "true")
             feed_exit = '        require("amesh").exit_worker()'
         listen = "\n".join(f"        listen {APISIX_IP}:{p};" for p in ports)
         subst = {
