@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from amesh_ext.agent import Agent
@@ -49,7 +50,7 @@ def test_istio_mutual_upstreams_use_the_agents_client_ssl(tmp_path: Path) -> Non
         {"source": "file:///dev/null", "translate": {"istio_cert_dir": str(tmp_path)}}))
     agent = Agent(config, queue)
     assert agent.apply(CLUSTER, [parse_json_resource(MTLS_CLUSTER, "test")], []) == {}
-    agent._first_data = agent._last_apply = 0  # settle the first sync at once
+    agent._first_sync.done = True  # settle the first sync at once
 
     def upstream() -> dict:
         key = next(k for k in queue.data if k.startswith("/upstreams/"))
@@ -120,7 +121,7 @@ def test_first_batch_waits_for_a_whole_config() -> None:
              (LISTENER, listener("l1", "r1")), (ROUTES, route("r1", "a.example"))]
     for i, (type_url, msg) in enumerate(steps):
         assert agent.apply(type_url, [Resource.from_message(type_url, msg)], []) == {}
-        agent.tick(now=agent._last_apply + 0.5)  # quiet long enough, not past the max wait
+        agent.tick(now=time.monotonic() + 0.5)  # quiet long enough, not past the max wait
         assert bool(queue.batches) == (i == len(steps) - 1), f"after {type_url}"
     keys = {k.decode() for k, _ in queue.batches[0][2]}
     assert any(k.startswith("/routes/") for k in keys)
@@ -165,7 +166,7 @@ def test_routes_never_name_an_upstream_that_is_not_written() -> None:
     assert agent.apply(CLUSTER, cluster[1:], []) == {}
     assert agent.apply(LISTENER, [], []) == {}
     assert agent.apply(ROUTES, [parse_json_resource(ROUTES_TO_C1, "test")], []) == {}
-    agent._first_data = agent._last_apply = 0
+    agent._first_sync.done = True
     agent.tick(now=10)
 
     def check() -> dict[str, dict]:

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amesh_ext import route_pieces
 from amesh_ext import translate as tr
+from amesh_ext.agent import route_pieces
 from amesh_ext.encoding import to_json
 from amesh_ext.resources import parse_json_resource
-from golden_apisix import _import_any_types
+from amesh_ext.sources.file import parse_resource
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "istiod"
 RC_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -34,13 +34,13 @@ def _vhost(name: str, domains: list[str], header: str = "") -> dict:
             "routes": [{"name": "r", "match": match, "route": {"cluster": f"c-{name}"}}]}
 
 
-def _encoded(objects: dict) -> dict[str, bytes]:
-    return {k: v if isinstance(v, bytes) else to_json(v) for k, v in objects.items()}
+def _encoded(translation: tr.Translation) -> dict[str, bytes]:
+    return {**{k: to_json(v) for k, v in translation.objects.items()}, **translation.encoded}
 
 
 def _same_as_whole(result: tr.Translation, rc: object, port: int | None = 80) -> None:
     whole = tr.translate_route_configuration(rc, port, OPTIONS)
-    assert _encoded(result.objects) == _encoded(whole.objects)
+    assert _encoded(result) == _encoded(whole)
     assert {(s.feature, s.resource, s.detail) for s in result.skipped} == {
         (s.feature, s.resource, s.detail) for s in whole.skipped}
 
@@ -49,8 +49,7 @@ def _golden_route_configs() -> list[object]:
     out = []
     for corpus in ("bookinfo", "features"):
         doc = json.loads((GOLDEN / corpus / "routes.json").read_text())
-        _import_any_types(doc)
-        out += [parse_json_resource({"@type": doc["type_url"], **r}, corpus).message()
+        out += [parse_resource({"@type": doc["type_url"], **r}, corpus)[0].message()
                 for r in doc["resources"]]
     return out
 

@@ -25,19 +25,21 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from . import translate as tr
-from .certs import ISTIO_CLIENT_SSL_ID, SSL_KEY, IstioCertFiles
-from .config import ConfigError, StartConfig
-from .encoding import to_json
-from .native import ChangeQueue
-from .resources import CLUSTER, ENDPOINTS, LISTENER, ROUTES, SHORT_NAMES, Resource, ResourceError
+from .. import translate as tr
+from ..certs import ISTIO_CLIENT_SSL_ID, SSL_KEY, IstioCertFiles
+from ..config import ConfigError, StartConfig
+from ..encoding import to_json
+from ..native import ChangeQueue
+from ..references import eds_name
+from ..resources import CLUSTER, ENDPOINTS, LISTENER, ROUTES, SHORT_NAMES, Resource, ResourceError
+from ..sink import DictSink
+from ..sources import Source
+from .first_sync import FirstSync
+from .keys import KeyOwnership, Unit
 from .route_pieces import RouteConfigTranslator
-from .sink import DictSink
-from .sources import Source
 
 log = logging.getLogger("amesh.agent")
 
-Unit = tuple[str, str]  # ("cluster" | "routes" | "listener" | "certs", resource name)
 
 
 _TRIM_AFTER_SETS = 5000  # a batch this large leaves megabytes of freed heap behind
@@ -47,13 +49,6 @@ def _trim_heap() -> None:
     """Give freed heap back to the OS after a large apply (glibc only; else a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _eds_name(cluster: Any) -> str | None:
-    """The EDS resource an EDS cluster reads, or None for clusters with inline endpoints."""
-    if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == 3:  # EDS
-        return cluster.eds_cluster_config.service_name or cluster.name
-    return None
 
 
 def _capped(status: dict[str, Any], cap: int) -> dict[str, Any]:
@@ -91,9 +86,7 @@ class Agent:
         self._resources: dict[str, dict[str, Resource]] = {
             CLUSTER: {}, ENDPOINTS: {}, LISTENER: {}, ROUTES: {},
         }
-        self._unit_wanted: dict[Unit, dict[str, bytes]] = {}  # a unit's objects, encoded
-        self._key_owner: dict[str, Unit] = {}  # who has each key in the dict
-        self._contenders: dict[str, set[Unit]] = {}  # units that lost a collision on a key
+        self._keys = KeyOwnership(self.sink)
         self._unit_skips: dict[Unit, list[tr.Skip]] = {}
         self._logged_features: set[str] = set()
         self._eds_users: dict[str, set[str]] = {}  # EDS name -> clusters reading it
@@ -106,12 +99,9 @@ class Agent:
         self._dep_users: dict[str, set[Unit]] = {}  # cluster -> units whose deps name it
         self._rejected: dict[str, dict[str, str]] = {t: {} for t in self._resources}
         self._decoded_in_use: list[Resource] = []
-        self.collisions: dict[str, str] = {}
         self._source: Source | None = None
-        self._first_data: float | None = None
-        self._types_seen: set[str] = set()
-        self._last_apply = 0.0
-        self._synced = False
+        self._first_sync = FirstSync(config.limit("first_sync_quiet"),
+                                     config.limit("first_sync_max_wait"))
         self.started_at = time.time()
         self.first_batch_at: float | None = None  # unix time the first batch was queued
         self._refresh_certs()  # before any cluster: ISTIO_MUTUAL upstreams need to know
@@ -158,11 +148,8 @@ class Agent:
                         self._release_decoded()
                 self._rejected[type_url].pop(name, None)
             now = time.monotonic()
-            self._last_apply = now
-            if self._first_data is None:
-                self._first_data = now
-            self._types_seen.add(type_url)
-            if self._synced:
+            self._first_sync.saw(type_url, now)
+            if self._first_sync.done:
                 self._flush(now)
             return rejected
 
@@ -176,7 +163,7 @@ class Agent:
     def _upsert(self, type_url: str, res: Resource) -> None:
         msg = self._decode(res)
         if type_url == CLUSTER:
-            eds = _eds_name(msg)
+            eds = eds_name(msg)
             assignment = self._assignment(eds)
             translation = tr.translate_cluster(
                 msg, assignment, self._hash_for(res.name), self._options)
@@ -362,22 +349,20 @@ class Agent:
         if translation is None:
             return {}
         limit = self._max_object_bytes()
-        encoded: dict[str, bytes] = {}
-        for key, obj in translation.objects.items():
-            # Pieces reused by route_pieces arrive already encoded.
-            value = obj if isinstance(obj, bytes) else to_json(obj)
+        encoded = {key: to_json(obj) for key, obj in translation.objects.items()}
+        encoded.update(translation.encoded)  # pieces the route cache reused
+        for key, value in encoded.items():
             if limit and len(value) > limit:
                 raise ObjectTooLarge(
                     f"{key} would take {len(value)} bytes; the dict takes objects up to "
                     f"{limit} bytes (limits.max_object_bytes, or a quarter of the dict)")
-            encoded[key] = value
         return encoded
 
     def _max_object_bytes(self) -> int:
         configured = int(self._config.limit("max_object_bytes"))
         if configured:
             return configured
-        capacity = getattr(self._queue, "dict_capacity", lambda: 0)()
+        capacity = self._queue.dict_capacity()
         return capacity // 4
 
     def _set_unit(self, unit: Unit, translation: tr.Translation | None) -> None:
@@ -394,50 +379,15 @@ class Agent:
 
     def _commit_unit(self, unit: Unit, wanted: dict[str, bytes],
                      translation: tr.Translation | None) -> None:
-        old_wanted = self._unit_wanted.pop(unit, {})
-        if wanted:
-            self._unit_wanted[unit] = wanted
         if translation is not None:
             self._record_skips(unit, translation.skipped)
         else:
             self._unit_skips.pop(unit, None)
-        for key in sorted(old_wanted.keys() - wanted.keys()):
-            self._contenders.get(key, set()).discard(unit)
-            if self._key_owner.get(key) == unit:
-                self._release_key(key)
-        for key, value in wanted.items():
-            owner = self._key_owner.get(key)
-            if owner is not None and owner != unit:
-                self._contenders.setdefault(key, set()).add(unit)
-                self.collisions[key] = f"{unit} collides with {owner}"
-                log.error("key %s from %s collides with %s: kept the first", key, unit, owner)
-                continue
-            self._key_owner[key] = unit
-            self.sink.put(key, value)
+        self._keys.set(unit, wanted)
         if unit[0] in ("routes", "listener"):
             self._set_deps(unit, translation.cluster_deps if translation is not None else {})
         elif unit[0] == "cluster":
             self._cluster_changed(unit[1], translation)
-
-    def _release_key(self, key: str) -> None:
-        """The owner no longer wants key: the first unit that lost a collision on it takes it
-        over (as if the winner had never been there), else it leaves the dict."""
-        del self._key_owner[key]
-        contenders = self._contenders.get(key)
-        while contenders:
-            unit = min(contenders)
-            contenders.discard(unit)
-            value = self._unit_wanted.get(unit, {}).get(key)
-            if value is not None:
-                self._key_owner[key] = unit
-                self.sink.put(key, value)
-                if not contenders:
-                    self._contenders.pop(key, None)
-                    self.collisions.pop(key, None)
-                return
-        self._contenders.pop(key, None)
-        self.collisions.pop(key, None)
-        self.sink.delete(key)
 
     def _record_skips(self, unit: Unit, skips: list[tr.Skip]) -> None:
         if skips:
@@ -451,16 +401,14 @@ class Agent:
                             skip.feature, skip.resource, skip.detail)
 
     # -- the agent thread's periodic work --------------------------------------------------
-    def _has_every_needed_type(self) -> bool:
-        """The first batch replaces what a previous run left in the dict: it waits for a
-        whole config (clusters, listeners, and the endpoints and routes they name), or it
-        would briefly delete routes that an ADS push delivers a moment later."""
+    def _needed_types(self) -> set[str]:
+        """A whole config: clusters, listeners, and the endpoints and routes they name."""
         needed = {CLUSTER, LISTENER}
         if self._eds_users:
             needed.add(ENDPOINTS)
         if any(self._listener_ports.values()):
             needed.add(ROUTES)
-        return needed <= self._types_seen
+        return needed
 
     def _refresh_certs(self) -> None:
         if self._certs is None or not self._certs.changed():
@@ -480,12 +428,7 @@ class Agent:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._refresh_certs()
-            if not self._synced and self._first_data is not None:
-                quiet = now - self._last_apply >= self._config.limit("first_sync_quiet")
-                late = now - self._first_data >= self._config.limit("first_sync_max_wait")
-                if (quiet and self._has_every_needed_type()) or late:
-                    self._synced = True
-            if self._synced:
+            if self._first_sync.check(now, self._needed_types()):
                 self._flush(now)
 
     def _flush(self, now: float) -> None:
@@ -519,7 +462,7 @@ class Agent:
         """Why the dict may not hold the source's whole current config ("" when it does)."""
         if not source.get("complete", False):
             return source.get("incomplete_because") or "the source has no complete config yet"
-        if not self._synced:
+        if not self._first_sync.done:
             return "waiting for the first whole config"
         if not self.sink.in_dict:
             return "changes not yet applied to the dict"
@@ -539,12 +482,12 @@ class Agent:
             return {
                 "source": source,
                 "connected": bool(source.get("connected")),
-                "first_sync_done": self._synced,
+                "first_sync_done": self._first_sync.done,
                 "synced": ready,  # kept for readers of earlier versions: same as "ready"
                 "ready": ready,
                 "not_ready_because": why_not,
                 "resources": {SHORT_NAMES[t]: len(v) for t, v in self._resources.items()},
-                "objects": len(self._key_owner),
+                "objects": len(self._keys),
                 # The first few per type: a status must stay small (it shares a dict with
                 # APISIX's version key); the counts are whole.
                 "rejected": {SHORT_NAMES[t]: dict(itertools.islice(sorted(v.items()), cap))
@@ -553,8 +496,8 @@ class Agent:
                                     for t, v in self._rejected.items() if v},
                 "rejected_count": sum(len(v) for v in self._rejected.values()),
                 "skipped": skipped,
-                "collisions": dict(self.collisions),
-                "istio_certs": (("loaded" if SSL_KEY in self._key_owner else self._certs.error
+                "collisions": dict(self._keys.collisions),
+                "istio_certs": (("loaded" if SSL_KEY in self._keys else self._certs.error
                                  or "missing") if self._certs else "not managed"),
                 "sink": self.sink.status(),
                 "started_at": self.started_at,

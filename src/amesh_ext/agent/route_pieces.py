@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import translate as tr
-from .encoding import to_json
+from .. import translate as tr
+from ..encoding import to_json
 
 
 def _hostless(vh: Any) -> bool:
@@ -56,7 +56,7 @@ class RouteConfigTranslator:
 
     def translate(self, rc: Any, port: int | None, options: tr.TranslateOptions,
                   clusters: Mapping[str, str | None] | None = None) -> tr.Translation:
-        """The route configuration's objects, each a dict or (from a piece) JSON bytes;
+        """The route configuration's objects (in `encoded` when they come from pieces);
         `clusters` as tr.Clusters takes it."""
         pieces = _pieces(rc)
         if pieces is None:
@@ -83,9 +83,10 @@ class RouteConfigTranslator:
                 partial.virtual_hosts.extend(vhosts)
                 piece = tr.translate_route_configuration(partial, port, options,
                                                          tr.Clusters(clusters))
-                piece.objects = {k: to_json(v) for k, v in piece.objects.items()}
+                piece.encoded = {k: to_json(v) for k, v in piece.objects.items()}
+                piece.objects = {}
             done[identity] = piece
-            out.objects.update(piece.objects)
+            out.encoded.update(piece.encoded)
             out.cluster_deps.update(piece.cluster_deps)
             for skip in piece.skipped:  # route-config-level skips come with every piece
                 mark = (skip.feature, skip.resource, skip.detail)

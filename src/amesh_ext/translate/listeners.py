@@ -10,6 +10,7 @@ agent sees both stream routes).
 
 from __future__ import annotations
 
+from ..references import HCM_TYPE
 from .ids import NameCounter, scoped_id, upstream_id
 from .model import Clusters, InvalidResource, ListenerTranslation, Skips
 from .options import TranslateOptions
@@ -17,8 +18,6 @@ from .routes import translate_route_configuration
 
 _HCM = "envoy.filters.network.http_connection_manager"
 _TCP = "envoy.filters.network.tcp_proxy"
-_HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-             ".v3.HttpConnectionManager")
 _TCP_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 # HTTP filters whose per-route effect the route translation carries.
 _HTTP_FILTERS_DONE = frozenset((
@@ -30,7 +29,7 @@ _MATCH_FIELDS = ("prefix_ranges", "server_names", "source_prefix_ranges",
 
 def _decode(flt, where: str):
     url = flt.typed_config.type_url
-    if flt.name == _HCM or url == _HCM_TYPE:
+    if flt.name == _HCM or url == HCM_TYPE:
         from envoy.extensions.filters.network.http_connection_manager.v3 import (
             http_connection_manager_pb2 as hcm_pb2,
         )

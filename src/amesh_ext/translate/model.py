@@ -25,12 +25,16 @@ class Translation:
 
     objects: dict[str, dict] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    # Objects already encoded as the dict stores them (JSON bytes): the route cache's
+    # reused pieces. A key is in `objects` or here, never both.
+    encoded: dict[str, bytes] = field(default_factory=dict)
     # Every question asked of the Clusters view and its answer ((kind, cluster) -> answer):
     # the translation is the same as long as the view gives the same answers.
     cluster_deps: dict[tuple[str, str], object] = field(default_factory=dict)
 
     def merge(self, other: Translation) -> None:
         self.objects.update(other.objects)
+        self.encoded.update(other.encoded)
         self.skipped.extend(other.skipped)
         self.cluster_deps.update(other.cluster_deps)
 

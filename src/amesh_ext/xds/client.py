@@ -19,7 +19,7 @@ import grpc
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 
-from ..sources.base import ResourceHandler
+from ..handler import ResourceHandler
 from .backoff import Backoff
 from .credentials import (
     TlsSettings,

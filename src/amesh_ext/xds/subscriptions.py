@@ -11,14 +11,16 @@ which is what Delta's initial_resource_versions and the SotW removal rule must s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from google.protobuf.any_pb2 import Any as AnyMsg
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
+from ..handler import ResourceHandler
+from ..references import REFERENCES
 from ..resources import (
     CLUSTER,
     ENDPOINTS,
@@ -31,16 +33,11 @@ from ..resources import (
     message_class,
     name_of,
 )
-from ..sources.base import ResourceHandler
 
 log = logging.getLogger("amesh.xds")
 
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 FOLLOWER = {CLUSTER: ENDPOINTS, LISTENER: ROUTES}  # parent type -> the type it names
-HCM_TYPE = (
-    "type.googleapis.com/"
-    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-)
 MAX_REASON = 300  # per resource, in a NACK's error_detail
 MAX_DETAIL = 4000  # istiod stores and logs the whole message
 
@@ -50,49 +47,6 @@ class Held(NamedTuple):
     version: str
 
 
-def eds_names(cluster: Message) -> frozenset[str]:
-    """The ClusterLoadAssignment an EDS cluster needs: service_name, else its own name."""
-    from envoy.config.cluster.v3.cluster_pb2 import Cluster
-
-    c: Any = cluster
-    if c.WhichOneof("cluster_discovery_type") != "type" or c.type != Cluster.EDS:
-        return frozenset()
-    return frozenset({c.eds_cluster_config.service_name or c.name})
-
-
-def rds_names(listener: Message) -> frozenset[str]:
-    """route_config_names of the HCMs (with RDS) in every filter chain and the default one."""
-    from envoy.extensions.filters.network.http_connection_manager.v3 import (
-        http_connection_manager_pb2 as hcm_pb2,
-    )
-
-    lst: Any = listener
-    chains = list(lst.filter_chains)
-    if lst.HasField("default_filter_chain"):
-        chains.append(lst.default_filter_chain)
-    configs = [f.typed_config for chain in chains for f in chain.filters]
-    if lst.HasField("api_listener"):
-        configs.append(lst.api_listener.api_listener)
-    names = set()
-    for typed in configs:
-        if typed.type_url != HCM_TYPE:
-            continue
-        hcm = hcm_pb2.HttpConnectionManager()
-        try:
-            hcm.ParseFromString(typed.value)
-        except DecodeError as exc:
-            raise ResourceError(f"cannot decode its HttpConnectionManager: {exc}") from exc
-        if hcm.HasField("rds"):
-            if not hcm.rds.route_config_name:
-                raise ResourceError("HttpConnectionManager rds has no route_config_name")
-            names.add(hcm.rds.route_config_name)
-    return frozenset(names)
-
-
-REFERENCES: dict[str, Callable[[Message], frozenset[str]]] = {
-    CLUSTER: eds_names,
-    LISTENER: rds_names,
-}
 
 
 @dataclass(eq=False)
