@@ -39,10 +39,13 @@ DRIVER = textwrap.dedent("""
             time.sleep(0.01)
     out["ops"], out["calls"] = ops, calls
     lib.amesh_report(ctypes.c_uint64(ops[-1][2]), 0, b"applied")
-    time.sleep(0.6)
     sbuf = ctypes.create_string_buffer(1 << 16)
-    length = lib.amesh_status(sbuf, 1 << 16)
-    out["status"] = json.loads(sbuf.raw[:length].decode())
+    while time.time() < deadline:  # until the agent published the report's effect
+        length = lib.amesh_status(sbuf, 1 << 16)
+        out["status"] = json.loads(sbuf.raw[:length].decode())
+        if ((out["status"].get("agent") or {}).get("sink") or {}).get("batches_applied"):
+            break
+        time.sleep(0.01)
     small = ctypes.create_string_buffer(8)
     out["status_len_small"] = lib.amesh_status(small, 8)
     out["status_small"] = small.value.decode()

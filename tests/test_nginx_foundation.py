@@ -110,8 +110,10 @@ def test_source_edits_update_and_delete_keys_with_one_version_bump(tmp_path, mak
     n.wait_for(lambda: _all_workers_read(n, v2), what="both workers read the new version")
 
     # Touching a file without changing it is not a change: no batch, no version bump.
+    loads, batches = _agent(n)["source"]["loads"], _agent(n)["sink"]["batches"]
     os.utime(mesh / "routes.yaml")
-    time.sleep(0.5)
+    n.wait_for(lambda: _agent(n)["source"]["loads"] > loads, what="the touched file re-read")
+    assert _agent(n)["sink"]["batches"] == batches  # nothing queued
     assert n.version() == v2
 
     # Removing a cluster and its endpoints deletes its upstream key.
@@ -304,7 +306,9 @@ def test_no_worker_runs_the_agent_when_the_host_has_a_privileged_agent(tmp_path,
     init = f"""require("amesh").init_worker({{ config = [==[{json.dumps(_config(mesh))}]==],
                                               privileged_agent = true }})"""
     n = make_nginx(init_worker=init, user=USER).start()
-    time.sleep(1.5)
+    # Both workers serve requests: their init_worker (where an agent would start) is done.
+    n.wait_for(lambda: {n.get("/whoami").strip() for _ in range(20)} == {"0", "1"},
+               what="both workers serving")
     assert "no status published yet" in n.get("/status")
     assert not n.objects()
     assert "agent started" not in n.log_text()
@@ -323,7 +327,8 @@ def test_reload_with_the_control_plane_down_keeps_the_last_config(tmp_path, make
     n.reload()
     n.wait_for(lambda: (a := _agent(n)) and a["source"].get("kind") == "ads"
                and a["source"]["last_error"], what="new agent failing to connect")
-    time.sleep(1)
+    n.wait_for(lambda: _agent(n)["source"]["reconnects"] >= 3, timeout=15,
+               what="the new agent retried (backoff) and still has nothing")
     assert n.version() == version
     assert {k: v for k, v in n.dump().items() if k.startswith("/")} == {
         k: v for k, v in before.items() if k.startswith("/")}
@@ -372,10 +377,9 @@ def test_malformed_resource_is_rejected_alone(tmp_path, make_nginx) -> None:
     assert re.search(r"amesh: .*broken", n.log_text())
     # A file that no longer parses keeps its last good resources.
     (mesh / "endpoints.yaml").write_text("resources: [unclosed\n")
-    time.sleep(0.5)
-    assert _upstream_hosts(n.objects(), REVIEWS_V1) == ["127.0.0.11"]
     n.wait_for(lambda: any("cannot load" in e for e in _agent(n)["source"]["errors"]),
                what="unparseable file reported")
+    assert _upstream_hosts(n.objects(), REVIEWS_V1) == ["127.0.0.11"]
 
 
 def test_full_dict_fails_the_batch_whole_and_recovers(tmp_path, make_nginx) -> None:
