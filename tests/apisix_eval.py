@@ -146,6 +146,7 @@ class Vars:
             "request_method": req.method, "scheme": "http", "remote_addr": req.remote_addr,
             "http_host": req.host,
             "request_uri": self.uri + (f"?{req.query}" if req.query is not None else ""),
+            "real_request_uri": req.path,  # init.lua keeps the raw one here
         }
         if name in fixed:
             return fixed[name]
@@ -356,6 +357,8 @@ class Apisix:
             return [(Outcome(status=200, response_headers=_response_headers({}, {}, acao),
                              via=route["id"]), 1.0)]
         rewrite = plugins.get("proxy-rewrite", {})
+        if not _runs(rewrite, v):
+            rewrite = {}
         redirect = plugins.get("redirect")
         if redirect:
             return [(Outcome(status=redirect.get("ret_code", 302),
@@ -375,6 +378,11 @@ class Apisix:
             return Outcome(status=503, via=via)
         return Outcome(backends=backends, path=path, host=host, headers=headers,
                        response_headers=resp, via=via)
+
+
+def _runs(conf: dict, v: Vars) -> bool:
+    """A plugin's `_meta.filter` (vars) lets it run (plugin.lua meta_filter)."""
+    return _vars_pass(conf.get("_meta", {}).get("filter"), v)
 
 
 def _split(route: dict, conf: dict | None, v: Vars) -> list[tuple[str, float]]:

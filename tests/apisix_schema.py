@@ -327,8 +327,13 @@ PLUGINS: dict[str, dict[str, Any]] = {
         },
     },
 }
+# Every plugin's schema gets `_meta` (schema_def.plugin_injected_schema); amesh uses its
+# `filter` (vars deciding whether the plugin runs).
+_META = {"type": "object", "properties": {"filter": {"type": "array"}},
+         "additionalProperties": False}
 for _schema in PLUGINS.values():
     _schema["additionalProperties"] = False  # test-only tightening, see module doc
+    _schema.setdefault("properties", {})["_meta"] = _META
 
 _VALIDATORS = {
     kind: jsonschema.Draft7Validator(schema)

@@ -46,8 +46,9 @@ KNOWN_DIFFERENCES = {
     "Envoy raw ones ('%31') (pitfall 10)",
     "GET api:17080/deep//api": "nginx merges `//` in $uri; Istio's Envoy keeps it "
     "(merge_slashes false), so /deep/api is a different prefix (pitfall 9)",
-    "GET api:17080/exact%2F": "nginx decodes %2F in $uri; Envoy keeps escaped slashes "
-    "(path_with_escaped_slashes_action KEEP_UNCHANGED) (pitfall 9)",
+    "GET api:17080/deep/./api%2Fx": "a path with both a dot segment and an escaped "
+    "reserved character: Envoy resolves the one and keeps the other; APISIX forwards either "
+    "nginx's $uri (which decodes %2F) or the raw path (amesh keeps it raw)",
     "GET WEB.default.svc:17080/to-https": "a redirect that keeps the host: Envoy copies "
     "the Host's case, APISIX's $host is lowercased (the same host; only the case differs)",
     "GET web:17080/tagged": "headers set per weighted destination: traffic-split picks the "
@@ -223,8 +224,10 @@ def corpus() -> list[Request]:
     for host in ("api.default:17080", "240.240.1.2", "API.DEFAULT", "api.default.svc"):
         reqs.append(_get(host, "/authority/x"))
     # Path normalization: both normalize dot segments and unreserved escapes.
+    # Escaped reserved characters stay escaped in Envoy's forwarded path.
     reqs += [_get("api", p) for p in ("/deep/./api", "/deep/x/../api", "/deep/%61pi",
-                                      "/deep//api", "/exact%2F")]
+                                      "/deep//api", "/exact%2F", "/deep/api%2Fx",
+                                      "/deep/api%3fx?k=%2F", "/deep/./api%2Fx")]
 
     web_paths = ["/split/x", "/timeout", "/timeout/1", "/retry", "/rewrite/a/b", "/rewrite/",
                  "/rewrite", "/old", "/old/x", "/olds", "/rx/abc/def", "/rx/abc/def?k=v",

@@ -32,6 +32,7 @@ from amesh_ext.translate import (
     translate_listener,
     translate_route_configuration,
 )
+from amesh_ext.translate.routes import RAW_PATH_KEPT
 from apisix_schema import validate_all
 
 OPTS = TranslateOptions()
@@ -80,7 +81,8 @@ def translate_rc(msg: RouteConfiguration, port: int | None = 80,
 
 
 # What every proxied route carries so that APISIX forwards the normalised path.
-NORMALISED_PATH = {"regex_uri": ["^/", "/"]}
+NORMALISED_PATH = {"regex_uri": ["^/", "/"], "_meta": {"filter": [
+    ["real_request_uri", "!", "~~", RAW_PATH_KEPT]]}}
 
 
 def own_plugins(route: dict) -> dict:

@@ -41,10 +41,18 @@ from .redirect import redirect
 _NAME_MAX = 256
 
 
+# A raw path that Envoy (normalize_path, merge_slashes off, escaped slashes kept) forwards
+# unchanged but nginx's $uri would not: `//`, or an escape of a reserved character (`%2F`,
+# `%3F`, ...). Escapes of unreserved ones (ALPHA DIGIT - . _ ~) Envoy decodes, as nginx does.
+RAW_PATH_KEPT = (r"^[^?]*(//|%(?![46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DdEe]|5[Ff]|7[Ee]))")
+
+
 def _normalised_path() -> dict:
-    """proxy-rewrite that leaves the path as nginx normalised it: any proxy-rewrite makes
-    APISIX forward uri_safe_encode($uri) instead of the raw request line's path."""
-    return {"regex_uri": ["^/", "/"]}
+    """proxy-rewrite that forwards the path as nginx normalised it (any proxy-rewrite makes
+    APISIX forward uri_safe_encode($uri) instead of the raw path), except for raw paths that
+    Envoy keeps and $uri would alter (RAW_PATH_KEPT): those go raw, the plugin filtered out."""
+    return {"regex_uri": ["^/", "/"],
+            "_meta": {"filter": [["real_request_uri", "!", "~~", RAW_PATH_KEPT]]}}
 
 
 @dataclass
