@@ -88,24 +88,28 @@ class Mesh:
         self.eps = [msg(endpoints(x, i)) for x, i in names]
         self.srv.set_resources(LISTENER, [msg(listener())])
         self.weight_a = 100
-        self.srv.set_resources(ROUTES, [msg(route_config(n, self.weight_a))])
+        # both route configurations built before anything is timed
+        self.routes = {w: msg(route_config(n, w)) for w in (100, 0)}
+        self.probe_eps = {}
+        self.srv.set_resources(ROUTES, [self.routes[self.weight_a]])
 
     def set_backends(self, a: int, b: int) -> None:
         self.ports = {"A": a, "B": b}
         self.probe_a_on = "A"
+        self.probe_eps = {k: msg(probe_endpoints(PROBE_A, p)) for k, p in self.ports.items()}
         self.srv.set_resources(ENDPOINTS, [*self.eps, msg(probe_endpoints(PROBE_A, a)),
                                            msg(probe_endpoints(PROBE_B, b))])
 
     def flip_endpoint(self) -> str:
         """probe-a's endpoint moves to the other backend; returns the body now expected."""
         self.probe_a_on = "B" if self.probe_a_on == "A" else "A"
-        self.srv.update(ENDPOINTS, msg(probe_endpoints(PROBE_A, self.ports[self.probe_a_on])))
+        self.srv.update(ENDPOINTS, self.probe_eps[self.probe_a_on])
         self.srv.push(ENDPOINTS, names=[PROBE_A])
         return self.expected()
 
     def flip_route(self) -> str:
         self.weight_a = 0 if self.weight_a == 100 else 100
-        self.srv.update(ROUTES, msg(route_config(self.n, self.weight_a)))
+        self.srv.update(ROUTES, self.routes[self.weight_a])
         self.srv.push(ROUTES)
         return self.expected()
 
@@ -146,23 +150,28 @@ def cpu(pids: list[int]) -> dict[int, float]:
 
 
 def calibrate(run: ApisixRun, pids: list[int], body: str) -> tuple[float, float]:
-    """(CPU s per probe request, idle CPU s per second) of a worker's event loop."""
+    """(CPU s per probe request, idle CPU s per second) of a worker's event loop, and the
+    largest timer lag while only the probe runs (the freeze measurement's noise floor)."""
     c0, t0 = cpu(pids), time.monotonic()
     time.sleep(1.0)
     idle = sum(cpu(pids)[p] - c0[p] for p in pids) / len(pids) / (time.monotonic() - t0)
+    run.ctl("/lag?reset=1")
     c0, t0 = cpu(pids), time.monotonic()
     n = 300
     for _ in range(n):
         run.get(PROBE_HOST)
     spent = sum(cpu(pids)[p] - c0[p] for p in pids) - idle * len(pids) * (time.monotonic() - t0)
-    return max(spent / n, 0.0), idle
+    lags = [v for k, v in run.ctl("/lag").items() if ":" not in k]
+    return max(spent / n, 0.0), idle, max(lags) if lags else 0.0
 
 
 def one_change(run: ApisixRun, pids: list[int], flip: Any, timeout: float,
                calib: tuple[float, float], settle: float) -> dict[str, Any]:
-    per_req, idle = calib
+    per_req, idle, _ = calib
     run.ctl("/lag?reset=1")
+    time.sleep(0.02)        # every worker's 5 ms timer took the reset
     c0 = cpu(pids)
+    pc0 = run.ctl("/lag")
     t0 = time.time()
     body = flip()
     seen, count = wait_all_workers(run, pids, body, timeout, t0)
@@ -171,10 +180,14 @@ def one_change(run: ApisixRun, pids: list[int], flip: Any, timeout: float,
     c1 = cpu(pids)
     lag = run.ctl("/lag")
     bumps = [v for k, v in lag.items() if k.startswith("bump:") and v >= t0]
-    lags = [v for k, v in lag.items() if not k.startswith("bump:")]
+    lags = [v for k, v in lag.items() if ":" not in k]
+    # amesh's provider + router: their own CPU and longest slice, on the event-loop clock
+    own = [v - pc0.get(k, 0) for k, v in lag.items() if k.startswith("pcpu:")]
+    slices = [v for k, v in lag.items() if k.startswith("pslice:")]
     cpu_s = [max(c1[p] - c0[p] - count.get(p, 0) * per_req - idle * window, 0.0) for p in pids]
     done = max(seen.values())
     return {"latency_s": done, "freeze_s": max(lags) if lags else None, "cpu_s": max(cpu_s),
+            "own_cpu_s": max(own) if own else None, "own_slice_s": max(slices) if slices else None,
             # from the writer's version bump (as the workers' 5 ms timers saw it) to routing
             "from_bump_s": done - (min(bumps) - t0) if bumps else None}
 
@@ -207,6 +220,7 @@ def run_one(n: int, provider: str, work: Path, changes: int, dict_size: str) -> 
         time.sleep(1.5 if provider == "stock" else 0.3)    # let the load settle
         calib = calibrate(run, pids, "A")
         row["probe_cpu_ms"] = round(calib[0] * 1000, 3)
+        row["idle_freeze_max_ms"] = round(calib[2] * 1000, 1)
         timeout = 120.0
         settle = 0.5 if provider == "stock" else 0.05
         kinds = {"endpoint": mesh.flip_endpoint, "route": mesh.flip_route}
@@ -224,8 +238,16 @@ def run_one(n: int, provider: str, work: Path, changes: int, dict_size: str) -> 
                                                  1)
             row[f"{kind}_cpu_ms"] = round(statistics.median(r["cpu_s"] for r in results) * 1000,
                                           2)
+            own = [r["own_cpu_s"] for r in results if r["own_cpu_s"] is not None]
+            if own:
+                row[f"{kind}_own_cpu_ms"] = round(statistics.median(own) * 1000, 3)
+                row[f"{kind}_own_slice_max_ms"] = round(
+                    max(r["own_slice_s"] or 0 for r in results) * 1000, 3)
         refused = run.ctl("/refused")
         row["refused_reports"] = len(refused)
+        if provider == "amesh":
+            row["provider_stats"] = run.ctl("/provider_stats")
+            row["router_stats"] = run.ctl("/router_stats")
         return row
     finally:
         if run is not None:
@@ -246,10 +268,14 @@ COLUMNS = [
     ("endpoint_p50_ms", "endpoint p50 ms"), ("endpoint_p99_ms", "endpoint p99 ms"),
     ("endpoint_from_bump_p99_ms", "endpoint from bump p99 ms"),
     ("endpoint_freeze_max_ms", "endpoint freeze ms"), ("endpoint_cpu_ms", "endpoint CPU ms"),
+    ("endpoint_own_cpu_ms", "endpoint provider CPU ms"),
+    ("endpoint_own_slice_max_ms", "endpoint longest slice ms"),
     ("route_p50_ms", "route p50 ms"), ("route_p99_ms", "route p99 ms"),
     ("route_from_bump_p99_ms", "route from bump p99 ms"),
     ("route_freeze_max_ms", "route freeze ms"), ("route_cpu_ms", "route CPU ms"),
-    ("dict_bytes_per_service", "dict B/service"),
+    ("route_own_cpu_ms", "route provider+router CPU ms"),
+    ("route_own_slice_max_ms", "route longest slice ms"),
+    ("idle_freeze_max_ms", "idle lag ms"), ("dict_bytes_per_service", "dict B/service"),
 ]
 
 

@@ -32,10 +32,10 @@
 --
 -- @module core.config_xds
 
-local os_clock          = os.clock    -- before `os` names apisix.core.os
 local config_local      = require("apisix.core.config_local")
 local log               = require("apisix.core.log")
 local json              = require("apisix.core.json")
+local lua_os_clock      = os.clock    -- before `os` names apisix.core.os
 local os                = require("apisix.core.os")
 local check_schema      = require("apisix.core.schema").check
 local xds_log           = require("apisix.core.xds_log")
@@ -45,6 +45,7 @@ local ffi               = require("ffi")
 local C                 = ffi.C
 local setmetatable      = setmetatable
 local tostring          = tostring
+local tonumber          = tonumber
 local type              = type
 local pairs             = pairs
 local ipairs            = ipairs
@@ -62,6 +63,7 @@ local ngx_sleep         = ngx.sleep
 local ngx_timer_every   = ngx.timer.every
 local ngx_time          = ngx.time
 local ngx_now           = ngx.now
+local ngx_update_time   = ngx.update_time
 local ngx_re_match      = ngx.re.match
 local ngx_re_gmatch     = ngx.re.gmatch
 local exiting           = ngx.worker.exiting
@@ -90,6 +92,28 @@ pcall(ffi.cdef, [[
 extern void initial(void* config_zone, void* version_zone);
 ]])
 
+-- CPU time of this thread (the event loop): budgets must not count other threads of the
+-- process (an embedded agent's). Declared under its own name, so that no other cdef of
+-- clock_gettime (the host's) can clash.
+local os_clock
+do
+    local ok = pcall(ffi.cdef, [[
+        typedef struct { long sec; long nsec; } apisix_xds_timespec_t;
+        int apisix_xds_clock_gettime(int clk_id, apisix_xds_timespec_t *tp)
+            __asm__("clock_gettime");
+    ]])
+    if ok then
+        local ts = ffi.new("apisix_xds_timespec_t")
+        local CLOCK_THREAD_CPUTIME_ID = 3
+        os_clock = function()
+            C.apisix_xds_clock_gettime(CLOCK_THREAD_CPUTIME_ID, ts)
+            return tonumber(ts.sec) + tonumber(ts.nsec) * 1e-9
+        end
+    else
+        os_clock = lua_os_clock
+    end
+end
+
 
 local _M = {
     version = 0.2,
@@ -97,6 +121,8 @@ local _M = {
     -- tunables (seconds)
     check_interval = 0.005,
     budget = 0.002,
+    -- while a worker holds no item at all there is nothing to serve: longer slices
+    empty_budget = 0.05,
 }
 
 local created_obj = {}        -- "/routes" -> obj
@@ -106,7 +132,7 @@ local modified_index = 0      -- per-item modifiedIndex: moves for every applied
 local refused = {}            -- key -> error of the items kept at their previous version
 local refused_dirty = false
 local syncing = false
-local stats = {applied = 0, full_reloads = 0, max_slice = 0}
+local stats = {applied = 0, full_reloads = 0, max_slice = 0, cpu = 0}
 _M.stats = stats
 
 
@@ -382,18 +408,20 @@ end
 
 -- a cooperative slice: commit what changed and yield once the budget is spent
 local slice_start = 0
+local budget = _M.budget
 local function maybe_yield(can_yield)
     if not can_yield then
         return
     end
     local used = os_clock() - slice_start
-    if used < _M.budget then
+    if used < budget then
         return
     end
     if used > stats.max_slice then
         stats.max_slice = used
     end
     commit_all()
+    stats.cpu = stats.cpu + (os_clock() - slice_start)
     ngx_sleep(0.001)    -- ngx.sleep(0) needs OpenResty's delayed-events patch
     slice_start = os_clock()
 end
@@ -509,6 +537,20 @@ local function sync(can_yield)
     end
 
     slice_start = os_clock()
+    ngx_update_time()
+    local wall_start = ngx_now()
+    budget = _M.budget
+    local empty = true
+    for _, obj in pairs(created_obj) do
+        if #obj.values > obj.tombstones then
+            empty = false
+            break
+        end
+    end
+    if empty then
+        budget = _M.empty_budget
+    end
+
     -- the writer logs a batch before it bumps `version`: a bump the log does not
     -- explain comes from a writer without one (stock libxds), so reload everything
     local head = xds_log.head(config)
@@ -524,9 +566,12 @@ local function sync(can_yield)
     commit_all()
 
     local used = os_clock() - slice_start
+    stats.cpu = stats.cpu + used
     if used > stats.max_slice then
         stats.max_slice = used
     end
+    ngx_update_time()
+    stats.last_sync_s = ngx_now() - wall_start
 end
 
 
@@ -656,6 +701,10 @@ end
 function _M.fetch_created_obj(key)
     return created_obj[key]
 end
+
+
+--- This thread's CPU seconds (the clock the slices are measured with).
+_M.clock = os_clock
 
 
 --- For tests and benchmarks: apply what the dicts hold now, without yielding.

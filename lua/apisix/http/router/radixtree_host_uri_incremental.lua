@@ -62,7 +62,8 @@ local wild_lens = {}       -- the distinct #X, longest first
 local host_sig = {}        -- host -> signature of its router
 local shared = {}          -- signature -> {router = r, refs = n}
 local only_uri_router
-_M.stats = {full_builds = 0, host_rebuilds = 0, routers_built = 0}
+_M.stats = {full_builds = 0, host_rebuilds = 0, routers_built = 0, cpu = 0, max_sync = 0}
+local clock = core.config.clock or os.clock
 
 
 local function radixtree_route(route)
@@ -327,6 +328,7 @@ function _M.sync(user_routes)
         return
     end
 
+    local t0 = clock()
     local ids = built_services == service_version and only_uri_router
                 and user_routes.changes_since and user_routes:changes_since(built_version)
     if ids then
@@ -336,6 +338,13 @@ function _M.sync(user_routes)
     end
     built_version = version
     built_services = service_version
+
+    local used = clock() - t0
+    local stats = _M.stats
+    stats.cpu = stats.cpu + used
+    if used > stats.max_sync then
+        stats.max_sync = used
+    end
 end
 
 
