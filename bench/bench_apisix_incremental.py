@@ -208,8 +208,12 @@ def run_one(n: int, provider: str, work: Path, changes: int, dict_size: str) -> 
         mesh.set_backends(run.backend_a, run.backend_b)
         run.start()
         started = time.time()
-        time.sleep(0.2)
         pids = run.worker_pids()
+        while len(pids) < run.workers:      # the master forks once APISIX's init ran
+            if time.time() - started > 60:
+                raise RuntimeError(f"nginx started {len(pids)} workers of {run.workers}")
+            time.sleep(0.02)
+            pids = run.worker_pids()
         seen, _ = wait_all_workers(run, pids, "A", 120, started, pause=0.005)
         row: dict[str, Any] = {"services": n, "provider": provider,
                                "full_load_s": round(min(seen.values()), 3),
@@ -331,15 +335,17 @@ def main() -> int:
     apisix_home()
     sha = git_sha()
     work = work_dir("amesh-apisix-inc-")
-    rows = []
+    out = Path(args.out)
+    rows: list[dict[str, Any]] = []
     for n in (int(s) for s in args.sizes.split(",")):
         for provider in args.providers.split(","):
             changes = args.stock_changes if provider == "stock" else args.changes
             row = run_one(n, provider, work, changes, args.dict_size)
             print(row, flush=True)
             rows.append(row)
+            write_results(out, rows, git_sha=sha, workers=2, dict_size=args.dict_size,
+                          apisix_home=str(apisix_home()), partial=True)
     print(table(rows))
-    out = Path(args.out)
     write_results(out, rows, git_sha=sha, workers=2, dict_size=args.dict_size,
                   apisix_home=str(apisix_home()))
     try:

@@ -716,9 +716,10 @@ end
 function _M.init_worker()
     if process and process.type() == "privileged agent" then
         load_libxds("libxds.so")
-        return true
     end
 
+    -- every process that creates config objects keeps them current (APISIX's privileged
+    -- agent creates them too)
     local ok, err = ngx_timer_every(_M.check_interval, tick)
     if not ok then
         return nil, "failed to create the xds sync timer: " .. err
