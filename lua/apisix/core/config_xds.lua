@@ -356,8 +356,8 @@ local function apply_key(self, key, id, conf_str)
     end
     clear_refused(key)
 
-    if type(conf) == "table" and not self.single_item and not conf.id then
-        conf.id = id
+    if type(conf) == "table" and not self.single_item then
+        conf.id = id        -- the key names the item, as config_etcd does
     end
 
     modified_index = modified_index + 1
