@@ -63,7 +63,8 @@ class Run:
 
     def dict(self) -> dict[str, bytes]:
         """The dict without the change log (its entries name the run)."""
-        return {k: v for k, v in self.queue.data.items() if not k.startswith(KEY_LOG_PREFIX)}
+        return {k: v for k, v in self.queue.snapshot().items()
+                if not k.startswith(KEY_LOG_PREFIX)}
 
     def close(self) -> None:
         self.stop.set()
@@ -90,7 +91,7 @@ def _converged(run: Run, srv: XdsTestServer, protocol: str) -> None:
     assert eventually(lambda: run.ready() and run.dict() == expected), {
         "missing": sorted(expected.keys() - run.dict().keys())[:5],
         "left over": sorted(run.dict().keys() - expected.keys())[:5]}
-    assert invariant_problems(run.queue.data) == []
+    assert invariant_problems(run.queue.snapshot()) == []
 
 
 def _raw_cluster_push(srv: XdsTestServer, items: list[tuple[str, AnyMsg]]) -> None:
@@ -152,7 +153,7 @@ def test_garbage_duplicates_and_invalid_resources_are_rejected_alone(protocol: s
             assert eventually(lambda: any(b'"good"' in v for v in run.dict().values()))
             data = {k: v for k, v in before.items() if is_data_key(k)}
             assert data.items() <= run.dict().items()  # nothing of the last good config lost
-            assert invariant_problems(run.queue.data) == []
+            assert invariant_problems(run.queue.snapshot()) == []
             # The server goes back to its config: the dict becomes a fresh agent's.
             if protocol == "delta":
                 srv.push_raw(CLUSTER, [], removed=["good"])
@@ -172,7 +173,7 @@ def test_key_injection_names_stay_inside_their_keys(protocol: str) -> None:
         with agent(srv.address, protocol) as run:
             assert eventually(run.ready)
             _converged(run, srv, protocol)
-            data = run.queue.data
+            data = run.queue.snapshot()
             # Every object stays under its own key, and no name became a key of its own.
             objects = {k for k in data if is_data_key(k)}
             assert all(k.count("/") == 2 for k in objects), objects
@@ -196,7 +197,7 @@ def test_a_server_that_never_answers_leaves_the_agent_not_ready() -> None:
             status = run.status()
             assert not status["source"]["types"]["cds"]["acks"]
             assert status["ready"] is False and status["first_sync_done"] is False
-            assert not [k for k in run.queue.data if is_data_key(k)]
+            assert not [k for k in run.queue.snapshot() if is_data_key(k)]
     finally:
         silent.close()
 

@@ -63,6 +63,11 @@ class MemoryQueue:
     def dict_capacity(self) -> int:
         return self.capacity
 
+    def snapshot(self) -> dict[str, bytes]:
+        """A copy of the dict, consistent between batches (the agent may be writing)."""
+        with self._cond:
+            return dict(self.data)
+
     def wait_reports(self, timeout_ms: int) -> list[tuple[int, int, str]]:
         with self._cond:
             if not self._reports:

@@ -244,7 +244,7 @@ class Subscriptions:
         """Why the held resources are not yet a whole config ("" once they are): a
         wildcard type that never had an accepted response, or names not yet received."""
         for st in self.states.values():
-            if st.wildcard and not st.version and not st.held:
+            if st.wildcard and not st.acks and not st.held:
                 return f"no {st.short} accepted yet"
             missing = [n for n in st.names if n not in st.held]
             if missing:
