@@ -25,6 +25,7 @@ Needs APISIX_HOME (see bench/apisix_run.py). Writes bench/results/apisix_increme
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -166,7 +167,8 @@ def calibrate(run: ApisixRun, pids: list[int], body: str) -> tuple[float, float]
 
 
 def one_change(run: ApisixRun, pids: list[int], flip: Any, timeout: float,
-               calib: tuple[float, float], settle: float) -> dict[str, Any]:
+               calib: tuple[float, float, float], settle: float,
+               agent: int) -> dict[str, Any]:
     per_req, idle, _ = calib
     run.ctl("/lag?reset=1")
     time.sleep(0.02)        # every worker's 5 ms timer took the reset
@@ -181,12 +183,14 @@ def one_change(run: ApisixRun, pids: list[int], flip: Any, timeout: float,
     lag = run.ctl("/lag")
     bumps = [v for k, v in lag.items() if k.startswith("bump:") and v >= t0]
     lags = [v for k, v in lag.items() if ":" not in k]
+    plain = [v for k, v in lag.items() if ":" not in k and int(k) != agent]
     # amesh's provider + router: their own CPU and longest slice, on the event-loop clock
     own = [v - pc0.get(k, 0) for k, v in lag.items() if k.startswith("pcpu:")]
     slices = [v for k, v in lag.items() if k.startswith("pslice:")]
     cpu_s = [max(c1[p] - c0[p] - count.get(p, 0) * per_req - idle * window, 0.0) for p in pids]
     done = max(seen.values())
     return {"latency_s": done, "freeze_s": max(lags) if lags else None, "cpu_s": max(cpu_s),
+            "plain_freeze_s": max(plain) if plain else None,
             "own_cpu_s": max(own) if own else None, "own_slice_s": max(slices) if slices else None,
             # from the writer's version bump (as the workers' 5 ms timers saw it) to routing
             "from_bump_s": done - (min(bumps) - t0) if bumps else None}
@@ -218,6 +222,13 @@ def run_one(n: int, provider: str, work: Path, changes: int, dict_size: str) -> 
         row: dict[str, Any] = {"services": n, "provider": provider,
                                "full_load_s": round(min(seen.values()), 3),
                                "full_load_all_workers_s": round(max(seen.values()), 3)}
+        # from the writer's last version bump (the first whole config) to serving
+        bumps = [v for k, v in run.ctl("/lag").items() if k.startswith("bump:")]
+        if bumps:
+            row["full_load_from_bump_s"] = round(min(seen.values()) - (min(bumps) - started), 3)
+        # Debian's nginx has no privileged agent: the kit runs amesh's agent in worker 0,
+        # whose event loop then shares its process with the agent's threads
+        agent = max(pids, key=lambda p: len(os.listdir(f"/proc/{p}/task")))
         d = run.ctl("/dict")
         row["dict_bytes_per_service"] = round((d["capacity"] - d["free"]) / n)
         row["dict_keys"] = d["keys"]
@@ -229,7 +240,11 @@ def run_one(n: int, provider: str, work: Path, changes: int, dict_size: str) -> 
         settle = 0.5 if provider == "stock" else 0.05
         kinds = {"endpoint": mesh.flip_endpoint, "route": mesh.flip_route}
         for kind, flip in kinds.items():
-            results = [one_change(run, pids, flip, timeout, calib, settle)
+            if kind == "route" and mesh.probe_a_on != "A":
+                # the weights flip between probe-a and probe-b: probe-a must answer "A"
+                wait_all_workers(run, pids, mesh.flip_endpoint(), timeout, time.time())
+                time.sleep(settle)
+            results = [one_change(run, pids, flip, timeout, calib, settle, agent)
                        for _ in range(changes)]
             lat = [r["latency_s"] for r in results]
             row[f"{kind}_p50_ms"] = round(statistics.median(lat) * 1000, 1)
@@ -240,6 +255,8 @@ def run_one(n: int, provider: str, work: Path, changes: int, dict_size: str) -> 
                 row[f"{kind}_from_bump_p99_ms"] = round(pct(fb, 0.99) * 1000, 1)
             row[f"{kind}_freeze_max_ms"] = round(max(r["freeze_s"] or 0 for r in results) * 1000,
                                                  1)
+            row[f"{kind}_freeze_plain_max_ms"] = round(
+                max(r["plain_freeze_s"] or 0 for r in results) * 1000, 1)
             row[f"{kind}_cpu_ms"] = round(statistics.median(r["cpu_s"] for r in results) * 1000,
                                           2)
             own = [r["own_cpu_s"] for r in results if r["own_cpu_s"] is not None]
@@ -269,14 +286,19 @@ def git_sha() -> str:
 
 COLUMNS = [
     ("services", "services"), ("provider", "provider"), ("full_load_s", "start→serving s"),
+    ("full_load_from_bump_s", "whole config in dict→serving s"),
     ("endpoint_p50_ms", "endpoint p50 ms"), ("endpoint_p99_ms", "endpoint p99 ms"),
     ("endpoint_from_bump_p99_ms", "endpoint from bump p99 ms"),
-    ("endpoint_freeze_max_ms", "endpoint freeze ms"), ("endpoint_cpu_ms", "endpoint CPU ms"),
+    ("endpoint_freeze_max_ms", "endpoint freeze ms"),
+    ("endpoint_freeze_plain_max_ms", "endpoint freeze (worker without agent) ms"),
+    ("endpoint_cpu_ms", "endpoint CPU ms"),
     ("endpoint_own_cpu_ms", "endpoint provider CPU ms"),
     ("endpoint_own_slice_max_ms", "endpoint longest slice ms"),
     ("route_p50_ms", "route p50 ms"), ("route_p99_ms", "route p99 ms"),
     ("route_from_bump_p99_ms", "route from bump p99 ms"),
-    ("route_freeze_max_ms", "route freeze ms"), ("route_cpu_ms", "route CPU ms"),
+    ("route_freeze_max_ms", "route freeze ms"),
+    ("route_freeze_plain_max_ms", "route freeze (worker without agent) ms"),
+    ("route_cpu_ms", "route CPU ms"),
     ("route_own_cpu_ms", "route provider+router CPU ms"),
     ("route_own_slice_max_ms", "route longest slice ms"),
     ("idle_freeze_max_ms", "idle lag ms"), ("dict_bytes_per_service", "dict B/service"),
