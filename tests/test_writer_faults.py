@@ -73,7 +73,7 @@ def _digest(n, *, log: bool = False) -> dict[str, str]:
 
 def _library_status(n) -> dict:
     """What the writer publishes in the version dict (amesh_status(): writer and agent)."""
-    return json.loads(n.dump("xds-config-version")["amesh:status"])
+    return json.loads(n.dump("xds-config-version")["amesh:status"])["library"]
 
 
 def _writer(n) -> dict:
@@ -213,6 +213,7 @@ def test_refused_batch_leaves_the_dict_as_it_was_key_by_key(tmp_path, make_nginx
     pid = _new_writer(n, set())
     _settled(n, pid)
     assert _writer(n)["dict_capacity"] == 1 << 20  # the zone's, told before the agent ran
+    assert n.status()["library"]["mode"] == "initial"  # require("amesh").status() reads it
     before, version = _digest(n, log=True), n.version()
     n.get("/fill")
     filled = {k for k in _digest(n, log=True) if k.startswith("filler:")}

@@ -491,14 +491,25 @@ static void commit(batch_t *b) {
     amesh_reports_put(b->id, 0, b->changed ? "applied" : "unchanged");
 }
 
-/* The library's status in the version dict (AMESH_KEY_STATUS), as the Lua consumer keeps
- * it: a safe store, so it can never evict "version"; only when it changed. */
+/* The library's status in the version dict (AMESH_KEY_STATUS) in the Lua consumer's shape,
+ * {"library": amesh_status()}, so require("amesh").status() reads the same fields in both
+ * modes; a safe store (it can never evict "version"), only when it changed. */
 static void publish_status(char **last, size_t *last_len) {
-    char small[1];
-    size_t len = amesh_status(small, sizeof(small));
-    char *json = malloc(len + 1);
-    if (json == NULL) return;
-    len = amesh_status(json, len + 1);
+    static const char head[] = "{\"library\":";
+    const size_t skip = sizeof(head) - 1;
+    char *json = NULL;
+    size_t len = 0, cap = 0;
+    do { /* the agent may publish a longer status between the two calls: size again */
+        free(json);
+        cap = amesh_status(NULL, 0) + 64;
+        json = malloc(skip + cap + 2);
+        if (json == NULL) return;
+        len = amesh_status(json + skip, cap);
+    } while (len >= cap);
+    memcpy(json, head, skip);
+    len += skip;
+    json[len++] = '}';
+    json[len] = '\0';
     if (*last && *last_len == len && memcmp(*last, json, len) == 0) {
         free(json);
         return;
