@@ -220,11 +220,13 @@ def test_refused_batch_leaves_the_dict_as_it_was_key_by_key(tmp_path, make_nginx
     big = _mesh(tmp_path, "big", 40, rename="big-")  # 48 clusters that cannot fit now
     for name in ("clusters.json", "endpoints.json"):
         os.replace(big / name, mesh / f"big-{name}")  # whole files: the source reads them
-    # The delta batch, then at least one FULL resync (after a 1 s backoff), refused.
-    status = n.wait_for(lambda: (s := _library_status(n))["writer"]["batches_failed"] >= 2 and s,
-                        timeout=20, what="a refused batch and a refused FULL resync")
-    assert re.search(r"store of \S+ failed: no memory", status["last_error"]), status
-    assert re.search(r"store of \S+ failed: no memory", json.dumps(status["agent"]))  # reported
+    # The delta batch, then at least one FULL resync (after a 1 s backoff), refused; the
+    # agent's status shows the report, which names the key.
+    refused = r"store of \S+ failed: no memory"
+    status = n.wait_for(lambda: (s := _library_status(n))["writer"]["batches_failed"] >= 2
+                        and re.search(refused, json.dumps(s["agent"])) and s,
+                        timeout=20, what="a refused batch and a refused FULL resync, reported")
+    assert re.search(refused, status["last_error"]), status
     after = {k: v for k, v in _digest(n, log=True).items() if k not in filled}
     assert after == before, _diff(after, before)
     assert n.version() == version
