@@ -195,3 +195,31 @@ def test_routes_never_name_an_upstream_that_is_not_written() -> None:
     routes = check()
     split = routes["split"]["plugins"]["traffic-split"]["rules"][0]["weighted_upstreams"]
     assert [u["upstream_id"] for u in split] == ["c1", "80_._n"]
+
+
+def test_a_mirror_follows_its_clusters_first_node() -> None:
+    queue = MemoryQueue()
+    agent = Agent(parse_start_config('{"source": "file:///dev/null"}'), queue)
+    routes = {"@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+              "name": "80", "virtual_hosts": [{"name": "a:80", "domains": ["a"], "routes": [
+                  {"name": "m", "match": {"prefix": "/"}, "route": {
+                      "cluster": "c1", "request_mirror_policies": [{"cluster": "c2"}]}}]}]}
+    c2 = _static_cluster("c2")
+    assert agent.apply(CLUSTER, [parse_json_resource(_static_cluster("c1"), "t"),
+                                 parse_json_resource(c2, "t")], []) == {}
+    assert agent.apply(LISTENER, [], []) == {}
+    assert agent.apply(ROUTES, [parse_json_resource(routes, "t")], []) == {}
+    agent._first_sync.done = True
+    agent.tick(now=10)
+
+    def mirror() -> dict | None:
+        route = json.loads(queue.data["/routes/80_.a_3a80_.m"])
+        return route.get("plugins", {}).get("proxy-mirror")
+
+    assert mirror() == {"host": "http://10.0.0.1:80", "sample_ratio": 1.0}
+    sa = c2["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    sa["socket_address"]["address"] = "10.0.0.7"  # the mirror cluster's endpoint moves
+    assert agent.apply(CLUSTER, [parse_json_resource(c2, "t")], []) == {}
+    assert mirror() == {"host": "http://10.0.0.7:80", "sample_ratio": 1.0}
+    assert agent.apply(CLUSTER, [], ["c2"]) == {}  # gone: Envoy mirrors nothing
+    assert mirror() is None

@@ -68,6 +68,9 @@ class ObjectTooLarge(ValueError):
     """An APISIX object larger than the dict could ever hold."""
 
 
+_ABSENT = object()  # a cluster the agent does not hold (for _cluster_changed)
+
+
 class Agent:
     def __init__(self, config: StartConfig, queue: ChangeQueue) -> None:
         translate = dict(config.translate)
@@ -95,8 +98,9 @@ class Agent:
         self._route_hashes: dict[str, dict[str, tr.HashPolicy]] = {}  # rc -> cluster -> hash
         self._route_translators: dict[str, RouteConfigTranslator] = {}  # per-vhost reuse
         self._cluster_nodes: dict[str, str | None] = {}  # cluster -> mirror node (tr.Clusters)
-        self._unit_deps: dict[Unit, dict[tuple[str, str], object]] = {}
-        self._dep_users: dict[str, set[Unit]] = {}  # cluster -> units whose deps name it
+        self._unit_deps: dict[Unit, frozenset[str]] = {}  # clusters a unit asked about
+        # cluster -> unit -> what it asked about the cluster and the answer it got
+        self._dep_users: dict[str, dict[Unit, dict[str, object]]] = {}
         self._rejected: dict[str, dict[str, str]] = {t: {} for t in self._resources}
         self._decoded_in_use: list[Resource] = []
         self._source: Source | None = None
@@ -288,32 +292,40 @@ class Agent:
 
     def _cluster_changed(self, name: str, translation: tr.Translation | None) -> None:
         """Record whether cluster `name` exists and its mirror node; re-translate the route
-        configurations and listeners that asked about it and would now get another answer."""
+        configurations and listeners that asked about it and would now get another answer.
+        O(what asked about this cluster): an endpoint change costs nothing more unless it
+        moves a mirror node someone uses."""
+        before = self._cluster_nodes.get(name, _ABSENT)
         if translation is None or not translation.objects:
             self._cluster_nodes.pop(name, None)
         else:
             upstream = next(iter(translation.objects.values()))
             self._cluster_nodes[name] = tr.mirror_node(upstream)
-        for unit in sorted(self._dep_users.get(name, ())):
-            deps = self._unit_deps.get(unit, {})
-            if any(tr.cluster_answer(self._cluster_nodes, dep) != answer
-                   for dep, answer in deps.items() if dep[1] == name):
+        if self._cluster_nodes.get(name, _ABSENT) == before:
+            return
+        for unit, asked in sorted(self._dep_users.get(name, {}).items()):
+            if any(tr.cluster_answer(self._cluster_nodes, (kind, name)) != answer
+                   for kind, answer in asked.items()):
                 if unit[0] == "routes" and unit[1] in self._resources[ROUTES]:
                     self._retranslate_routes(unit[1])
                 elif unit[0] == "listener" and unit[1] in self._resources[LISTENER]:
                     self._retranslate_listener(unit[1])
 
     def _set_deps(self, unit: Unit, deps: dict[tuple[str, str], object]) -> None:
-        for _, cluster in self._unit_deps.pop(unit, {}):
+        """Index a unit's recorded cluster answers by cluster (see _cluster_changed)."""
+        for cluster in self._unit_deps.pop(unit, ()):
             users = self._dep_users.get(cluster)
             if users is not None:
-                users.discard(unit)
+                users.pop(unit, None)
                 if not users:
                     del self._dep_users[cluster]
-        if deps:
-            self._unit_deps[unit] = dict(deps)
-            for _, cluster in deps:
-                self._dep_users.setdefault(cluster, set()).add(unit)
+        by_cluster: dict[str, dict[str, object]] = {}
+        for (kind, cluster), answer in deps.items():
+            by_cluster.setdefault(cluster, {})[kind] = answer
+        if by_cluster:
+            self._unit_deps[unit] = frozenset(by_cluster)
+            for cluster, asked in by_cluster.items():
+                self._dep_users.setdefault(cluster, {})[unit] = asked
 
     def _route_translator(self, route_config: str) -> RouteConfigTranslator:
         translator = self._route_translators.get(route_config)
