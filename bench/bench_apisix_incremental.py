@@ -25,6 +25,7 @@ Needs APISIX_HOME (see bench/apisix_run.py). Writes bench/results/apisix_increme
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -317,19 +318,27 @@ def chart(rows: list[dict[str, Any]], path: Path, sha: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("endpoint_p99_ms", "endpoint change → all workers, p99 (ms)"),
-              ("endpoint_freeze_max_ms", "worker freeze during a change, max (ms)"),
-              ("endpoint_cpu_ms", "CPU per endpoint change per worker (ms)"),
-              ("route_p99_ms", "route change → all workers, p99 (ms)"),
-              ("full_load_s", "nginx start → serving (s)"),
-              ("dict_bytes_per_service", "dict bytes per service")]
+    # (key, title, extra series: (key, label) drawn dashed for amesh)
+    panels = [("endpoint_p99_ms", "endpoint change → all workers, p99 (ms)",
+               ("endpoint_from_bump_p99_ms", "amesh, from the dict's version bump")),
+              ("endpoint_freeze_plain_max_ms", "freeze during an endpoint change, max (ms)",
+               ("endpoint_own_slice_max_ms", "amesh, longest provider/router slice")),
+              ("endpoint_cpu_ms", "CPU per endpoint change per worker (ms)",
+               ("endpoint_own_cpu_ms", "amesh, provider+router (thread clock)")),
+              ("route_p99_ms", "route change → all workers, p99 (ms)",
+               ("route_from_bump_p99_ms", "amesh, from the dict's version bump")),
+              ("full_load_s", "nginx start → serving (s)", None),
+              ("dict_bytes_per_service", "dict bytes per service", None)]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        for provider, style in (("stock", "o-"), ("amesh", "s-")):
-            pts = [(r["services"], r[key]) for r in rows if r["provider"] == provider
-                   and r.get(key) is not None]
+    for ax, (key, title, extra) in zip(axes.flat, panels, strict=True):
+        series = [("stock", key, "o-", "stock"), ("amesh", key, "s-", "amesh")]
+        if extra:
+            series.append(("amesh", extra[0], "s--", extra[1]))
+        for provider, k, style, label in series:
+            pts = [(r["services"], r[k]) for r in rows if r["provider"] == provider
+                   and r.get(k)]
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=provider)
+                ax.plot(*zip(*pts, strict=True), style, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xscale("log")
         if key not in ("dict_bytes_per_service",):
@@ -353,7 +362,14 @@ def main() -> int:
                         help="changes per kind for stock APISIX (seconds each at 10k)")
     parser.add_argument("--dict-size", default="64m")
     parser.add_argument("--out", default=str(HERE / "results" / "apisix_incremental.json"))
+    parser.add_argument("--chart-only", action="store_true",
+                        help="redraw the table and chart of --out, measure nothing")
     args = parser.parse_args()
+    if args.chart_only:
+        doc = json.loads(Path(args.out).read_text())
+        print(table(doc["rows"]))
+        chart(doc["rows"], Path(args.out).with_suffix(".png"), doc.get("git_sha", ""))
+        return 0
     apisix_home()
     sha = git_sha()
     work = work_dir("amesh-apisix-inc-")
