@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from amesh_ext.agent import Agent
+from amesh_ext.config import parse_start_config
+from amesh_ext.native import MemoryQueue
+from amesh_ext.sources.file import FileSource
 from apisix_eval import TRACKED_REQUEST, TRACKED_RESPONSE, Apisix, Outcome, Request, matches
 from golden_apisix import TYPE_FILES, objects, translate_documents
 from peers.backends import Backends
@@ -107,9 +111,9 @@ def route_names(route_configs: dict[str, dict]) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory, istiod_binary: Path) -> Iterator[tuple[Apisix, dict]]:
-    """(amesh's objects as an Apisix model, istiod's documents) with Envoy and the backends
-    running on the same config."""
+def mesh(tmp_path_factory, istiod_binary: Path) -> Iterator[tuple[Apisix, dict, ProbeEnvoy]]:
+    """(amesh's objects as an Apisix model, istiod's documents, the Envoy) with Envoy and the
+    backends running on the same config."""
     tmp = tmp_path_factory.mktemp("differential")
     with contextlib.ExitStack() as stack:
         istiod = stack.enter_context(Istiod(tmp / "istiod", binary=istiod_binary))
@@ -129,7 +133,7 @@ def mesh(tmp_path_factory, istiod_binary: Path) -> Iterator[tuple[Apisix, dict]]
         for req in (Request("GET", HTTP, "geo", "/"), Request("GET", ALT, "web", "/"),
                     Request("GET", HTTP, "api", "/"), Request("GET", TCP, "db", "/")):
             wait_for(lambda r=req: send(r).backends, 30, f"Envoy proxying {req}")
-        yield Apisix(objects(translate_documents(docs))), docs
+        yield Apisix(objects(translate_documents(docs))), docs, envoy
 
 
 # --------------------------------------------------------------------------- observing
@@ -309,7 +313,7 @@ def test_corpus_is_large_and_distinct() -> None:
 
 
 def test_envoy_and_amesh_agree(mesh) -> None:
-    apisix, docs = mesh
+    apisix, docs, _ = mesh
     assert set(TYPE_FILES.values()) <= set(docs)
     reqs = corpus()
     disagreements = {}
@@ -327,10 +331,26 @@ def test_envoy_and_amesh_agree(mesh) -> None:
 
 def test_envoy_tcp_proxy_reaches_the_stream_route_upstream(mesh) -> None:
     """The TCP listener is a plain tunnel: bytes that are not HTTP still get through."""
-    apisix, _ = mesh
+    apisix, _, _ = mesh
     (outcome, _), = apisix.decide_stream(TCP)
     host, port = next(iter(outcome.backends)).split(":")
     with socket.create_connection(("127.0.0.1", TCP), timeout=5) as s:
         s.sendall(b"GET /tunnel HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         data = b"".join(iter(lambda: s.recv(4096), b""))
     assert json.loads(data.split(b"\r\n\r\n", 1)[1])["backend"] == f"{host}:{port}"
+
+
+def test_envoys_config_dump_read_by_the_file_source_translates_the_same(mesh, tmp_path) -> None:
+    """Envoy's own /config_dump (what `istioctl proxy-config all -o json` prints), read by a
+    file:// source unchanged, gives the APISIX objects of the same config fed over ADS."""
+    _, docs, envoy = mesh
+    (tmp_path / "config_dump.json").write_text(json.dumps(envoy.config_dump(include_eds=True)))
+    agent = Agent(parse_start_config('{"source": "file:///dev/null"}'), MemoryQueue())
+    source = FileSource(str(tmp_path), agent)
+    assert source.load_once()
+    assert source.status()["errors"] == []
+    from_dump = objects(agent)
+    from_ads = objects(translate_documents(docs))
+    assert from_dump.keys() == from_ads.keys()
+    assert from_dump == from_ads
+
