@@ -16,6 +16,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 import test_nginx_foundation as foundation
 import test_writer_faults as faults
 from churn import service_churn
@@ -74,6 +76,69 @@ def _link(link: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
     tmp.replace(link)
+
+
+class Lua:
+    """The Lua consumer in worker 0 (require("amesh"))."""
+
+    @staticmethod
+    def start(make_nginx, tmp_path: Path, source: Path, dict_size: str = "64m"):
+        return _nginx(make_nginx, source, dict_size=dict_size)
+
+    @staticmethod
+    def status(n) -> dict:
+        """The library's status (mode, writer or consumer, and the agent's)."""
+        return n.status()["library"]
+
+    @staticmethod
+    def pid(n) -> int:
+        return _agent_pid(n)
+
+    @staticmethod
+    def refused(n) -> int:
+        return n.status()["consumer"]["batches_failed"]
+
+
+class Initial:
+    """Stock APISIX's path: initial() and the library's writer thread."""
+
+    @staticmethod
+    def start(make_nginx, tmp_path: Path, source: Path, dict_size: str = "64m"):
+        return faults._stock(tmp_path, make_nginx, source, dict_size=dict_size)
+
+    @staticmethod
+    def status(n) -> dict:
+        return faults._library_status(n)
+
+    @staticmethod
+    def pid(n) -> int:
+        return faults._writer(n)["pid"]
+
+    @staticmethod
+    def refused(n) -> int:
+        return faults._writer(n)["batches_failed"]
+
+
+WRITERS = [Lua, Initial]
+
+
+def _agent_of(mode, n) -> dict:
+    return mode.status(n).get("agent") or {}
+
+
+def _ready(mode, n, pid: int | None = None) -> dict | None:
+    """The agent's status once it (in process pid, if given) says the dict is complete."""
+    if pid is not None and mode.pid(n) != pid:
+        return None
+    agent = _agent_of(mode, n)
+    return agent if agent.get("ready") else None
+
+
+def _new_pid(mode, n, old: set[int], timeout: float = 30) -> int:
+    def pid() -> int | None:
+        p = mode.pid(n)
+        return p if p not in old and p in n.worker_pids() else None
+    return n.wait_for(pid, timeout=timeout, what="an agent in a new worker")
 
 
 def test_kill_mid_full_batch_then_a_reduced_config_converges_exactly(tmp_path,
@@ -143,24 +208,25 @@ def test_first_batch_refused_leaves_nothing_then_a_small_config_lands(tmp_path,
     faults._no_crash(n)
 
 
-def test_twenty_kills_of_the_agents_worker_under_churn_converge_exactly(tmp_path,
-                                                                         make_nginx) -> None:
+@pytest.mark.parametrize("mode", WRITERS, ids=lambda m: m.__name__.lower())
+def test_twenty_kills_of_the_agents_worker_under_churn_converge_exactly(tmp_path, make_nginx,
+                                                                         mode) -> None:
     mesh = faults._mesh(tmp_path, "churn", 300)
-    n = _nginx(make_nginx, mesh)
-    pid = n.wait_for(lambda: (s := _ready_in(n)) and s["agent_process"], timeout=30,
-                     what="first ready")
+    n = mode.start(make_nginx, tmp_path, mesh)
+    n.wait_for(lambda: _ready(mode, n), timeout=30, what="first ready")
+    pid = mode.pid(n)
     killed: set[int] = set()
     with service_churn(mesh):
         for _ in range(20):
-            # Kill as soon as the agent has started writing (not only when idle).
-            n.wait_for(lambda p=pid: n.status()["agent_process"] == p
-                       and n.status()["consumer"]["batches_applied"] >= 1, timeout=30,
-                       what="the agent applied a batch")
+            # Kill as soon as the new agent has applied a batch (not only when idle).
+            n.wait_for(lambda p=pid: mode.pid(n) == p
+                       and (_agent_of(mode, n).get("sink") or {}).get("batches_applied"),
+                       timeout=30, what="the agent applied a batch")
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
-            pid = _new_agent(n, killed)
+            pid = _new_pid(mode, n, killed)
     # The churn has stopped: the mesh folder is the final config.
-    n.wait_for(lambda: _ready_in(n, pid), timeout=30, what="ready after the churn")
+    n.wait_for(lambda: _ready(mode, n, pid), timeout=30, what="ready after the churn")
     expected = _expected(tmp_path, make_nginx, mesh)
     actual = n.wait_for(lambda: (d := faults._digest(n)) == expected and d, timeout=15,
                         what="the dict equal to a fresh run's") or faults._digest(n)
@@ -168,28 +234,31 @@ def test_twenty_kills_of_the_agents_worker_under_churn_converge_exactly(tmp_path
     faults._no_crash(n, killed=killed)
 
 
-def test_hundred_reloads_then_quit_within_two_seconds(tmp_path, make_nginx) -> None:
+@pytest.mark.parametrize("mode", WRITERS, ids=lambda m: m.__name__.lower())
+def test_hundred_reloads_then_quit_within_two_seconds(tmp_path, make_nginx, mode) -> None:
     """Reloads 0.1 s apart under churn: every old worker exits (none hangs on the wakeup
-    socket), the last agent converges, and nginx -s quit takes at most 2 s."""
+    socket or its writer), the last agent converges, and nginx -s quit takes at most 2 s."""
     mesh = faults._mesh(tmp_path, "reloads", 50)
-    n = _nginx(make_nginx, mesh)
-    n.wait_for(lambda: _ready_in(n), timeout=30, what="first ready")
+    n = mode.start(make_nginx, tmp_path, mesh)
+    n.wait_for(lambda: _ready(mode, n), timeout=30, what="first ready")
     with service_churn(mesh):
         for _ in range(100):
             n.reload()
-            time.sleep(0.1)
+            time.sleep(0.1)  # the fault itself: reloads 0.1 s apart
     n.wait_for(lambda: len(n.worker_pids()) == 2, timeout=10,
                what="every old worker gone (2 workers left)")
-    pid = _agent_pid(n)
-    n.wait_for(lambda: _ready_in(n, pid), timeout=30, what="the last agent ready")
+    pid = n.wait_for(lambda: (p := mode.pid(n)) in n.worker_pids() and p, timeout=10,
+                     what="the agent in a live worker")
+    n.wait_for(lambda: _ready(mode, n, pid), timeout=30, what="the last agent ready")
     expected_keys = {k for k in _expected(tmp_path, make_nginx, mesh) if k.startswith("/")}
     assert {k for k in faults._digest(n) if k.startswith("/")} == expected_keys
     assert n.quit() <= 2
     faults._no_crash(n)
 
 
+@pytest.mark.parametrize("mode", WRITERS, ids=lambda m: m.__name__.lower())
 def test_status_with_thousands_of_rejected_resources_never_evicts_version(
-        tmp_path, make_nginx) -> None:
+        tmp_path, make_nginx, mode) -> None:
     mesh = foundation._mesh(tmp_path)
     bad = {"resources": [{
         "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
@@ -200,18 +269,19 @@ def test_status_with_thousands_of_rejected_resources_never_evicts_version(
              "load_balancing_weight": 0}]}]}}
         for i in range(8000)]}
     foundation._write_yaml_atomic(mesh / "bad.yaml", bad)
-    n = _nginx(make_nginx, mesh)
-    agent = n.wait_for(lambda: (a := foundation._agent(n))["rejected_count"] >= 8000 and a,
+    n = mode.start(make_nginx, tmp_path, mesh)
+    agent = n.wait_for(lambda: (a := _agent_of(mode, n))["rejected_count"] >= 8000 and a,
                        timeout=60, what="8,000 rejections in status")
     assert agent["rejected_counts"]["cds"] == 8000
     assert len(agent["rejected"]["cds"]) == 50  # listed: the first 50
-    assert len(n.get("/status")) < 64 * 1024
+    assert len(n.dump("xds-config-version")["amesh:status"]) < 64 * 1024
     assert n.version() is not None
-    assert agent["ready"]  # the good resources are all in the dict
+    assert n.wait_for(lambda: _ready(mode, n), what="ready")  # the good ones all landed
     assert foundation.REVIEWS_V1 in {o.get("name") for o in n.objects().values()}
 
 
-def test_object_that_can_never_fit_is_rejected_alone(tmp_path, make_nginx) -> None:
+@pytest.mark.parametrize("mode", WRITERS, ids=lambda m: m.__name__.lower())
+def test_object_that_can_never_fit_is_rejected_alone(tmp_path, make_nginx, mode) -> None:
     """An upstream of 20,000 endpoints (~1 MB of JSON) in a 1m dict: its cluster is
     rejected with the reason in status; every other object lands, no batch is refused."""
     mesh = foundation._mesh(tmp_path)
@@ -223,20 +293,19 @@ def test_object_that_can_never_fit_is_rejected_alone(tmp_path, make_nginx) -> No
                 "address": f"127.{(j >> 16) & 255}.{(j >> 8) & 255}.{j & 255}",
                 "port_value": 8080}}}} for j in range(20000)]}]}}]}
     foundation._write_yaml_atomic(mesh / "huge.yaml", huge)
-    n = _nginx(make_nginx, mesh, dict_size="1m")
-    agent = n.wait_for(lambda: (a := foundation._agent(n))["ready"] and a, timeout=30,
-                       what="ready")
+    n = mode.start(make_nginx, tmp_path, mesh, dict_size="1m")
+    agent = n.wait_for(lambda: _ready(mode, n), timeout=30, what="ready")
     reason = agent["rejected"]["cds"]["huge"]
     assert "bytes" in reason and "max_object_bytes" in reason, reason
-    status = n.status()
-    assert status["consumer"]["batches_failed"] == 0
+    assert mode.refused(n) == 0
     names = {o.get("name") for o in n.objects().values()}
     assert foundation.REVIEWS_V1 in names and "huge" not in names
 
 
-def test_a_source_path_that_does_not_exist_is_not_ready(tmp_path, make_nginx) -> None:
-    n = _nginx(make_nginx, tmp_path / "nowhere")
-    agent = n.wait_for(lambda: (a := foundation._agent(n))["first_sync_done"] and a,
+@pytest.mark.parametrize("mode", WRITERS, ids=lambda m: m.__name__.lower())
+def test_a_source_path_that_does_not_exist_is_not_ready(tmp_path, make_nginx, mode) -> None:
+    n = mode.start(make_nginx, tmp_path, tmp_path / "nowhere")
+    agent = n.wait_for(lambda: (a := _agent_of(mode, n))["first_sync_done"] and a,
                        timeout=15, what="the agent past its first sync")
     assert agent["ready"] is False and agent["synced"] is False
     assert "does not exist" in agent["not_ready_because"]
