@@ -286,3 +286,18 @@ def test_a_large_batch_is_applied_in_slices(nginx: Nginx) -> None:
         # conf_version moved once per slice, not once per item
         assert len(v["route_changes"]) < 3000
         assert sum(len(c) for c in v["route_changes"]) == 3000
+
+
+def test_many_deletes_compact_the_values_and_keep_ids_consistent(nginx: Nginx) -> None:
+    w = Writer(nginx)
+    w.batch({"/upstreams/u1": upstream("u1"),
+             **{f"/routes/r{i}": route(f"r{i}", f"/p{i}") for i in range(400)}})
+    wait_all(nginx, lambda v: len(v["routes"]["items"]) == 400, "400 routes")
+    w.batch({}, [f"/routes/r{i}" for i in range(0, 400, 2)])      # 200 tombstones
+    wait_all(nginx, lambda v: len(v["routes"]["items"]) == 200, "200 deleted")
+    w.batch({"/routes/r1": route("r1", "/changed"), "/routes/new": route("new", "/new")})
+    s = wait_all(nginx, lambda v: v["routes"]["items"]["r1"]["value"]["uri"] == "/changed"
+                 and "new" in v["routes"]["items"], "changes after the compaction")
+    for v in s.values():
+        assert set(v["routes"]["items"]) == {f"r{i}" for i in range(1, 400, 2)} | {"new"}
+    assert "failed to sync" not in nginx.log_text()

@@ -241,6 +241,21 @@ local function publish_refused()
 end
 
 
+local function compact(self)
+    local values = self.values
+    local live = new_tab(#values - self.tombstones, 0)
+    local hash = self.values_hash
+    for _, item in ipairs(values) do
+        if item then
+            live[#live + 1] = item
+            hash[item.id] = #live
+        end
+    end
+    self.values = live
+    self.tombstones = 0
+end
+
+
 -- an object's items changed: bump its conf_version once and remember which ids moved
 local function commit_obj(self)
     local ids = self.pending_ids
@@ -257,21 +272,6 @@ local function commit_obj(self)
     self.conf_version = ver
     self.changes[ver] = ids
     self.changes[ver - CHANGES_KEPT] = nil
-end
-
-
-local function compact(self)
-    local values = self.values
-    local live = new_tab(#values - self.tombstones, 0)
-    local hash = self.values_hash
-    for _, item in ipairs(values) do
-        if item then
-            live[#live + 1] = item
-            hash[item.id] = #live
-        end
-    end
-    self.values = live
-    self.tombstones = 0
 end
 
 
