@@ -20,6 +20,19 @@ def test_tcp_proxy_to_stream_route():
     assert obj["upstream_id"] == upstream_id("outbound|3306||mysql.db.svc.cluster.local")
 
 
+def test_absent_clusters_get_no_stream_route_and_inline_routes_answer_503():
+    # Envoy closes a TCP connection to a cluster it lacks: no stream route does the same.
+    lt = translate_ln(ISTIO_LISTENERS[1], clusters={})
+    assert lt.translation.objects == {}
+    assert lt.translation.cluster_deps == {
+        ("exists", "outbound|3306||mysql.db.svc.cluster.local"): False}
+    lt = translate_ln(ISTIO_LISTENERS[2], clusters={})
+    routes = [o for k, o in lt.translation.objects.items() if k.startswith("/routes/")]
+    assert not any("upstream_id" in o for o in routes)
+    assert {o["plugins"]["fault-injection"]["abort"]["http_status"] for o in routes} == {
+        503, 404}
+
+
 def test_inline_route_config_uses_chain_destination_port():
     lt = translate_ln(ISTIO_LISTENERS[2])
     assert lt.route_config_ports == {"inbound|9080||": 9080}

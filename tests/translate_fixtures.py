@@ -114,8 +114,9 @@ def upstream(tr: Translation) -> dict:
     return obj
 
 
-def translate_ln(d: dict, options: TranslateOptions = OPTS) -> ListenerTranslation:
-    lt = translate_listener(parse(Listener, d), options)
+def translate_ln(d: dict, options: TranslateOptions = OPTS,
+                 clusters: dict[str, str | None] | None = None) -> ListenerTranslation:
+    lt = translate_listener(parse(Listener, d), options, Clusters(clusters))
     check(lt.translation)
     return lt
 
