@@ -310,3 +310,21 @@ def test_a_source_path_that_does_not_exist_is_not_ready(tmp_path, make_nginx, mo
     assert agent["ready"] is False and agent["synced"] is False
     assert "does not exist" in agent["not_ready_because"]
     assert str(tmp_path / "nowhere") in agent["not_ready_because"]
+
+
+def test_a_dict_too_small_then_enlarged_by_a_reload_lands_everything(tmp_path,
+                                                                     make_nginx) -> None:
+    mesh = faults._mesh(tmp_path, "big", 3000)
+    expected = _expected(tmp_path, make_nginx, mesh)
+    n = make_nginx(init_worker=_init_worker(mesh), user=USER, dict_size="1m",
+                   extra_locations=faults.LOCATIONS).start()
+    n.wait_for(lambda: n.status()["consumer"]["batches_failed"] >= 1, timeout=60,
+               what="the batch refused by the 1m dict")
+    old = {_agent_pid(n)}
+    n._conf["dict_size"] = "64m"  # the operator enlarges the dict and reloads
+    n.write_conf(init_worker=_init_worker(mesh))
+    n.reload()
+    pid = _new_agent(n, old)
+    n.wait_for(lambda: _ready_in(n, pid), timeout=60, what="ready in the larger dict")
+    actual = faults._digest(n)
+    assert actual == expected, faults._diff(actual, expected)
