@@ -219,7 +219,9 @@ def test_reload_kill_and_quit_under_streaming_changes(tmp_path, make_nginx, mode
             time.sleep(0.15)
         # kill -9 the agent's worker: the master respawns it and the agent comes back.
         if mode == "lua":
-            killed = [n.wait_for(lambda: n.status()["agent_process"], what="agent pid")]
+            # The status may still be an exiting worker's: wait for a live agent's.
+            killed = [n.wait_for(lambda: (p := n.status()["agent_process"]) in n.worker_pids()
+                                 and p, what="a live agent's pid")]
         else:  # initial() has no Lua status: kill every worker, worker 0 among them
             killed = n.worker_pids()
         for pid in killed:
