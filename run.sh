@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${AMESH_VENV:-/opt/amesh/venv}   # readable by nginx's `nobody` workers, unlike ~root
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-APT_PACKAGES=(nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core lua-resty-lrucache
+APT_PACKAGES=(nginx libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core lua-resty-lrucache lua-cjson
   luajit2 python3 python3-venv python3-dev libpython3-dev cmake ninja-build gcc procps
   openssl ca-certificates git)
 

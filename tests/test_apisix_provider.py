@@ -162,8 +162,13 @@ def wait_all(nginx: Nginx, pred: Any, what: str) -> dict[str, Any]:
         raise
 
 
+CJSON = "/usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so"
+
+
 @pytest.fixture
 def nginx(tmp_path: Path):
+    if not Path(CJSON).exists():
+        raise RuntimeError(f"{CJSON} is missing (APISIX's JSON): apt-get install lua-cjson")
     n = Nginx(tmp_path / "nginx", init=INIT, init_worker=INIT_WORKER, exit_worker="",
               extra_locations=WRITE).start()
     yield n
