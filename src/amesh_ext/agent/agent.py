@@ -22,7 +22,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from .. import translate as tr
@@ -257,17 +257,28 @@ class Agent:
                 return ports[route_config]
         return None
 
-    def _set_listener_ports(self, listener: str, ports: dict[str, int | None]) -> None:
-        old = self._listener_ports.get(listener, {})
-        names = set(old) | set(ports)
-        before = {rc: self._route_port(rc) for rc in names}
-        if ports:
-            self._listener_ports[listener] = dict(ports)
+    @staticmethod
+    def _rejoin(table: dict[str, dict[str, Any]], owner: str, entries: dict[str, Any],
+                lookup: Callable[[str], Any], present: Collection[str],
+                retranslate: Callable[[str], None]) -> None:
+        """`owner` (a listener, a route configuration) now gives `entries` to the resources
+        they name: re-translate each present one whose joined value (lookup) changed."""
+        old = table.get(owner, {})
+        if old == entries:
+            return
+        names = set(old) | set(entries)
+        before = {name: lookup(name) for name in names}
+        if entries:
+            table[owner] = dict(entries)
         else:
-            self._listener_ports.pop(listener, None)
-        for rc in sorted(names):
-            if rc in self._resources[ROUTES] and self._route_port(rc) != before[rc]:
-                self._retranslate_routes(rc)
+            table.pop(owner, None)
+        for name in sorted(names):
+            if name in present and lookup(name) != before[name]:
+                retranslate(name)
+
+    def _set_listener_ports(self, listener: str, ports: dict[str, int | None]) -> None:
+        self._rejoin(self._listener_ports, listener, ports, self._route_port,
+                     self._resources[ROUTES], self._retranslate_routes)
 
     def _retranslate_routes(self, name: str) -> None:
         msg = self._decode(self._resources[ROUTES][name])
@@ -341,18 +352,8 @@ class Agent:
         return None
 
     def _set_route_hashes(self, route_config: str, hashes: dict[str, tr.HashPolicy]) -> None:
-        old = self._route_hashes.get(route_config, {})
-        if old == hashes:
-            return
-        clusters = set(old) | set(hashes)
-        before = {c: self._hash_for(c) for c in clusters}
-        if hashes:
-            self._route_hashes[route_config] = dict(hashes)
-        else:
-            self._route_hashes.pop(route_config, None)
-        for cluster in sorted(clusters):
-            if cluster in self._resources[CLUSTER] and self._hash_for(cluster) != before[cluster]:
-                self._retranslate_cluster(cluster)
+        self._rejoin(self._route_hashes, route_config, hashes, self._hash_for,
+                     self._resources[CLUSTER], self._retranslate_cluster)
 
     # -- units -> sink ---------------------------------------------------------------------
     def _encode(self, unit: Unit, translation: tr.Translation | None) -> dict[str, bytes]:
