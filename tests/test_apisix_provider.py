@@ -74,6 +74,7 @@ INIT_WORKER = r"""
             route_changes[#route_changes + 1] = ids
         end
         seen:set("state:" .. id, cjson.encode({
+            pid = ngx.worker.pid(),
             version = versions:get("version"),
             routes = describe(routes), upstreams = describe(upstreams),
             route_changes = route_changes, filtered = filtered,
@@ -306,3 +307,25 @@ def test_many_deletes_compact_the_values_and_keep_ids_consistent(nginx: Nginx) -
     for v in s.values():
         assert set(v["routes"]["items"]) == {f"r{i}" for i in range(1, 400, 2)} | {"new"}
     assert "failed to sync" not in nginx.log_text()
+
+
+def test_a_reload_boots_from_the_dict_and_follows_the_log(nginx: Nginx) -> None:
+    w = Writer(nginx)
+    w.batch({"/upstreams/u1": upstream("u1"), "/routes/r1": route("r1"),
+             "/routes/r2": route("r2", "/b")})
+    s = wait_all(nginx, lambda v: set(v["routes"]["items"]) == {"r1", "r2"}, "first batch")
+    old_pids = {v["pid"] for v in s.values()}
+
+    nginx.reload()          # the dicts survive; new workers load them at boot
+    s = wait_all(nginx, lambda v: v["pid"] not in old_pids
+                 and set(v["routes"]["items"]) == {"r1", "r2"}, "the new workers' boot load")
+    for v in s.values():
+        assert v["stats"]["full_reloads"] == 0
+
+    # the boot remembered the log's head: the next batch is applied as a delta
+    w.batch({"/routes/r3": route("r3", "/c")})
+    s = wait_all(nginx, lambda v: v["pid"] not in old_pids and "r3" in v["routes"]["items"],
+                 "a batch after the reload")
+    for v in s.values():
+        assert v["stats"]["full_reloads"] == 0
+        assert v["route_changes"][-1] == ["r3"]
