@@ -329,3 +329,25 @@ def test_a_reload_boots_from_the_dict_and_follows_the_log(nginx: Nginx) -> None:
     for v in s.values():
         assert v["stats"]["full_reloads"] == 0
         assert v["route_changes"][-1] == ["r3"]
+
+
+def test_reader_constants_agree_with_the_protocol() -> None:
+    """lua/apisix/core/xds_log.lua carries the dict protocol's keys (docs/dict-protocol.md)
+    without depending on amesh: they must stay what amesh_ext.protocol (amesh.h) says."""
+    import re
+
+    from amesh_ext import protocol
+    text = (Path(__file__).resolve().parent.parent / "lua/apisix/core/xds_log.lua").read_text()
+
+    def const(name: str) -> str:
+        m = re.search(rf"{name} = \"?([^\",\n]+)\"?,", text)
+        assert m, name
+        return m.group(1)
+
+    assert const("HEAD_KEY") == protocol.KEY_LOG_HEAD
+    assert const("SLOT_PREFIX") == protocol.KEY_LOG_PREFIX
+    assert int(const("SLOTS")) == protocol.LOG_SLOTS
+    assert const("INDEX_PREFIX") == protocol.KEY_INDEX_PREFIX
+    assert int(const("INDEX_BUCKETS")) == protocol.INDEX_BUCKETS
+    assert '"amesh:log:%03d"' in text and '"amesh:index:%02d"' in text
+    assert protocol.log_slot_key(7) == "amesh:log:007" and protocol.index_key(3) == "amesh:index:03"
