@@ -11,6 +11,8 @@ The provider's behaviour inside real APISIX is measured by bench/bench_apisix_in
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,11 @@ from nginx import Nginx
 
 STUBS = Path(__file__).resolve().parent / "lua_stubs"
 
-INIT = f'package.path = "{STUBS}/?.lua;" .. package.path'
+USER = "nobody nogroup" if os.geteuid() == 0 else None  # workers as nobody, like APISIX
+
+
+def _init(stubs: Path) -> str:
+    return f'package.path = "{stubs}/?.lua;" .. package.path'
 
 INIT_WORKER = r"""
     local versions = ngx.shared["xds-config-version"]
@@ -170,8 +176,10 @@ CJSON = "/usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so"
 def nginx(tmp_path: Path):
     if not Path(CJSON).exists():
         raise RuntimeError(f"{CJSON} is missing (APISIX's JSON): apt-get install lua-cjson")
-    n = Nginx(tmp_path / "nginx", init=INIT, init_worker=INIT_WORKER, exit_worker="",
-              extra_locations=WRITE).start()
+    # The stubs are read by the workers (nobody): a copy in the prefix they can traverse.
+    stubs = shutil.copytree(STUBS, tmp_path / "lua_stubs")
+    n = Nginx(tmp_path / "nginx", init=_init(stubs), init_worker=INIT_WORKER, exit_worker="",
+              extra_locations=WRITE, user=USER).start()
     yield n
     n.stop()
 
