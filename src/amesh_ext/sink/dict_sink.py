@@ -58,6 +58,7 @@ class DictSink:
         self._dirty: set[str] = set()
         self._buckets: list[set[str]] = [set() for _ in range(INDEX_BUCKETS)]
         self._indexed: list[set[str]] = [set() for _ in range(INDEX_BUCKETS)]  # as written
+        self._moved_buckets: set[int] = set()  # buckets whose key set changed since a flush
         self._batch = 0
         self._run = f"{os.getpid():x}{time.time_ns():x}"  # the change log's run: unique per start
         self._need_full = True  # the first batch reconciles whatever a previous run left
@@ -75,13 +76,17 @@ class DictSink:
     def put(self, key: str, value: bytes) -> None:
         if self._desired.get(key) != value:
             if key not in self._desired:
-                self._buckets[bucket_of(key)].add(key)
+                b = bucket_of(key)
+                self._buckets[b].add(key)
+                self._moved_buckets.add(b)
             self._desired[key] = value
             self._dirty.add(key)
 
     def delete(self, key: str) -> None:
         if self._desired.pop(key, None) is not None:
-            self._buckets[bucket_of(key)].discard(key)
+            b = bucket_of(key)
+            self._buckets[b].discard(key)
+            self._moved_buckets.add(b)
             self._dirty.add(key)
 
     def get(self, key: str) -> bytes | None:
@@ -118,7 +123,8 @@ class DictSink:
         self._dirty.clear()
         if not changed:
             return None
-        pre, post = self._index_images({bucket_of(k) for k in changed})
+        pre, post = self._index_images(self._moved_buckets)
+        self._moved_buckets = set()
         return self._push(0, pre + sets + deletes + post, changed)
 
     def _index_images(self, buckets: set[int]) -> tuple[list[Change], list[Change]]:
@@ -146,6 +152,7 @@ class DictSink:
         sets = [(k.encode(), self._desired[k]) for k in keys]
         self._sent = dict(self._desired)
         self._indexed = [set(b) for b in self._buckets]
+        self._moved_buckets = set()
         self._dirty.clear()
         self._need_full = False
         self.counts["full_batches"] += 1
