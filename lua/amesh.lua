@@ -25,8 +25,9 @@ local defaults = {
     dict = "xds-config",             -- what stock APISIX reads: /routes/<id>, /upstreams/<id>
     version_dict = "xds-config-version",
     version_key = abi.KEY_VERSION,
-    status_dict = nil,               -- default: version_dict (stored with safe_set: the
-    status_key = abi.KEY_STATUS,     -- status can never evict "version")
+    -- status_dict: where the status goes (default version_dict; stored with safe_set, so
+    -- the status can never evict "version")
+    status_key = abi.KEY_STATUS,
     sentinel_key = abi.KEY_SENTINEL, -- keeps the data dict from ever being empty
     wakeup = true,                   -- drain when the library signals a batch (unix socket)…
     safety_interval = 0.05,          -- …and poll this often in case a wakeup is lost;
@@ -519,7 +520,7 @@ function _M.init_worker(user_opts)
     lib = loaded
     changes_buf = ffi.new("amesh_change_t[?]", opts.max_changes)
     status_buf = ffi.new("char[?]", 65536)
-    opts.status_dict = opts.status_dict or opts.version_dict
+    opts.status_dict = user_opts.status_dict or opts.version_dict
     if not ngx.shared[opts.status_dict] then
         local err = "lua_shared_dict " .. opts.status_dict .. " (status_dict) is required"
         log_error(err)

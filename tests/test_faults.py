@@ -328,3 +328,16 @@ def test_a_dict_too_small_then_enlarged_by_a_reload_lands_everything(tmp_path,
     n.wait_for(lambda: _ready_in(n, pid), timeout=60, what="ready in the larger dict")
     actual = faults._digest(n)
     assert actual == expected, faults._diff(actual, expected)
+
+
+def test_status_goes_to_its_own_dict_when_asked(tmp_path, make_nginx) -> None:
+    """init_worker{status_dict = ...}: the status stays out of APISIX's version dict."""
+    mesh = foundation._mesh(tmp_path)
+    n = make_nginx(init_worker=_init_worker(mesh, status_dict="amesh-test"), user=USER)
+    n.start()
+    status = n.wait_for(lambda: (s := n.dump("amesh-test").get("amesh:status"))
+                        and json.loads(s)["library"]["agent"]["ready"] and s,
+                        what="ready, in the status dict")
+    assert json.loads(status)["consumer"]["batches_applied"] >= 1
+    assert "amesh:status" not in n.dump("xds-config-version")
+    assert n.version() is not None
