@@ -466,6 +466,19 @@ end
 
 local status_store_failed = false
 
+-- What amesh's APISIX config provider refused, per worker (lua/apisix/core/config_xds.lua
+-- lists it under amesh:refused:<worker id> of the version dict): JSON objects, as stored.
+local function apisix_refused(vdict)
+    local found = {}
+    for i = -1, ngx.worker.count() - 1 do
+        local v = vdict:get("amesh:refused:" .. (i < 0 and "agent" or i))
+        if v then
+            found[#found + 1] = v
+        end
+    end
+    return "[" .. concat(found, ",") .. "]"
+end
+
 local function publish_status(premature)
     if premature then
         return
@@ -476,7 +489,8 @@ local function publish_status(premature)
     end
     parts[#parts] = sub(parts[#parts], 1, -2)
     parts[#parts + 1] = '},"wakeup":{"state":' .. json_string(wakeup.state) .. ',"wakeups":'
-        .. wakeup.wakeups .. '},"library":' .. library_status() .. '}'
+        .. wakeup.wakeups .. '},"apisix_refused":' .. apisix_refused(ngx.shared[opts.version_dict])
+        .. ',"library":' .. library_status() .. '}'
     -- safe_set: a status that does not fit fails alone, never evicting "version".
     local ok, err = ngx.shared[opts.status_dict]:safe_set(opts.status_key, concat(parts))
     if not ok and not status_store_failed then

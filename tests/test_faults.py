@@ -341,3 +341,29 @@ def test_status_goes_to_its_own_dict_when_asked(tmp_path, make_nginx) -> None:
     assert json.loads(status)["consumer"]["batches_applied"] >= 1
     assert "amesh:status" not in n.dump("xds-config-version")
     assert n.version() is not None
+
+
+REFUSE = r"""
+        location = /refuse {
+            content_by_lua_block {
+                ngx.shared["xds-config-version"]:set("amesh:refused:" .. ngx.var.arg_worker,
+                    '{"worker":' .. ngx.var.arg_worker .. ',"count":1,'
+                    .. '"refused":[{"key":"/routes/r1","error":"bad uri"}]}')
+                ngx.say("ok")
+            }
+        }
+"""
+
+
+def test_what_apisix_refused_is_in_amesh_status(tmp_path, make_nginx) -> None:
+    """amesh's APISIX provider lists the objects it refused per worker; the agent's status
+    carries them, so one status shows what APISIX does not serve."""
+    mesh = foundation._mesh(tmp_path)
+    n = make_nginx(init_worker=_init_worker(mesh), user=USER,
+                   extra_locations=faults.LOCATIONS + REFUSE).start()
+    n.wait_for(lambda: _ready_in(n), what="ready")
+    assert n.status()["apisix_refused"] == []
+    n.get("/refuse?worker=1")
+    refused = n.wait_for(lambda: n.status()["apisix_refused"], what="the refusal in status")
+    assert refused == [{"worker": 1, "count": 1,
+                        "refused": [{"key": "/routes/r1", "error": "bad uri"}]}]
