@@ -485,14 +485,9 @@ local function full_reload(can_yield)
     local seen = {}
     for keys in key_batches() do
         for i = 1, #keys do
-            local key = keys[i]
-            seen[key] = true
-            local obj, id = object_of(key)
-            if obj then
-                apply_key(obj, key, id, config:get(key))
-            end
-            maybe_yield(can_yield)
+            seen[keys[i]] = true
         end
+        apply_keys(keys, can_yield)
     end
 
     for _, obj in pairs(created_obj) do
