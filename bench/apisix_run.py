@@ -18,12 +18,13 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import stop_nginx
 
 from amesh_ext.paths import install_dir
 
@@ -126,12 +127,7 @@ class ApisixRun:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_nginx(self.proc, 10)
         self.proc = None
 
     def __enter__(self) -> ApisixRun:

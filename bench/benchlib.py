@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,3 +30,21 @@ def write_results(path: str | Path, rows: list[dict[str, Any]], **extra: Any) ->
     doc = {"machine": os.uname().nodename, "when": time.time(), "rows": rows, **extra}
     Path(path).write_text(json.dumps(doc, indent=2))
     print(f"wrote {path}")
+
+
+def stop_nginx(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Graceful quit of an nginx master; after `timeout`, SIGKILL to it (and to its process
+    group when it leads one, so no worker outlives it)."""
+    proc.send_signal(signal.SIGQUIT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            leads = os.getpgid(proc.pid) == proc.pid
+        except ProcessLookupError:
+            leads = False
+        if leads:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()

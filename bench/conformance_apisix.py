@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -51,7 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(HERE))
 
-from benchlib import work_dir, write_results  # noqa: E402
+from benchlib import stop_nginx, work_dir, write_results  # noqa: E402
 
 from amesh_ext.paths import install_dir  # noqa: E402
 from apisix_eval import Apisix, Outcome, Request  # noqa: E402
@@ -264,12 +263,7 @@ class ApisixRun:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_nginx(self.proc, 15)
         self.proc = None
 
     def __enter__(self) -> ApisixRun:
