@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Before grpc loads: peers are started with a preexec_fn (a fork, not a vfork), and gRPC's
+# fork handlers can abort the child while other threads use gRPC (istiod exited rc -6
+# before exec). The tests never use gRPC in a forked child.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import shutil
 import sys
 import tempfile
